@@ -1,0 +1,60 @@
+import dataclasses
+
+import pytest
+
+from prepare import UserError, config_help, parse_config
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    n_layer: int = 4  # number of transformer blocks
+    learning_rate: float = 1e-3  # peak learning rate
+    compile: bool = False  # torch.compile the model
+    out_dir: str = "out"  # where outputs go
+
+
+def test_flags_are_typed():
+    c = parse_config(DemoConfig, ["--n_layer=6", "--learning_rate=6e-4", "--compile=True", "--out_dir=run1"])
+    assert c == DemoConfig(n_layer=6, learning_rate=6e-4, compile=True, out_dir="run1")
+    assert parse_config(DemoConfig, []) == DemoConfig()
+
+
+def test_config_file_then_flags(tmp_path):
+    py = tmp_path / "small.py"
+    py.write_text('"""a recipe"""\nn_layer = 2\nlearning_rate = 3e-4\ncompile = True\n')
+    js = tmp_path / "more.json"
+    js.write_text('{"out_dir": "out-json", "learning_rate": 1}')
+    c = parse_config(DemoConfig, [str(py), str(js), "--n_layer=3"])
+    assert c == DemoConfig(n_layer=3, learning_rate=1.0, compile=True, out_dir="out-json")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n_layr=3"], "unknown setting 'n_layr' in the command line (did you mean --n_layer?)"),
+    (["--n_layer=three"], "--n_layer must be int, got 'three'"),
+    (["--compile=maybe"], "--compile must be True or False, got 'maybe'"),
+    (["--n_layer"], "flags take the form --key=value, got '--n_layer'"),
+])
+def test_bad_flags(argv, message):
+    with pytest.raises(UserError) as e:
+        parse_config(DemoConfig, argv)
+    assert str(e.value) == message
+
+
+def test_bad_config_files(tmp_path):
+    code = tmp_path / "code.py"
+    code.write_text("import os\n")
+    with pytest.raises(UserError, match="only `key = value` lines"):
+        parse_config(DemoConfig, [str(code)])
+    typo = tmp_path / "typo.py"
+    typo.write_text("n_head = 4\n")
+    with pytest.raises(UserError, match=r"unknown setting 'n_head' in .*typo.py"):
+        parse_config(DemoConfig, [str(typo)])
+    with pytest.raises(UserError, match="cannot read config file"):
+        parse_config(DemoConfig, [str(tmp_path / "missing.py")])
+
+
+def test_help_documents_every_field():
+    text = config_help(DemoConfig, "Demo.")
+    for name, comment in [("n_layer", "number of transformer blocks"), ("compile", "torch.compile the model")]:
+        line = next(line for line in text.splitlines() if line.strip().startswith(f"--{name}="))
+        assert comment in line
