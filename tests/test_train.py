@@ -1,0 +1,365 @@
+"""train.py on CPU: the model's invariants, the data sampler, the schedule, checkpoints, resume and DDP."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from prepare import UserError
+from train import GPT, GPTConfig, TrainConfig, get_batch, get_lr
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
+        "--gradient_accumulation_steps=2", "--eval_iters=2", "--log_interval=1", "--warmup_iters=2",
+        "--learning_rate=3e-3", "--min_lr=3e-4", "--device=cpu", "--compile=False", "--plot=False"]
+
+
+def make_dataset(path, vocab_size=64, train_tokens=20_000, val_tokens=4_000, seed=0):
+    """A learnable token stream: 'stories' that count upwards from a random start, each ended by the last id."""
+    rng = np.random.default_rng(seed)
+    eot = vocab_size - 1
+    meta = {"tokenizer": f"bpe:{vocab_size}", "tokenizer_file": None, "vocab_size": vocab_size, "eot_token": eot,
+            "dtype": "uint16"}
+    for split, n in (("train", train_tokens), ("val", val_tokens)):
+        ids, stories = [], 0
+        while len(ids) < n:
+            start, length = rng.integers(0, eot), rng.integers(4, 24)
+            ids += [(start + i) % eot for i in range(length)] + [eot]
+            stories += 1
+        np.array(ids, dtype=np.uint16).tofile(os.path.join(path, f"{split}.bin"))
+        meta[split] = {"file": f"{split}.bin", "tokens": len(ids), "stories": stories, "bytes": 3 * len(ids)}
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return meta
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    path = tmp_path / "data"
+    path.mkdir()
+    make_dataset(str(path))
+    return str(path)
+
+
+def run_train(data_dir, out_dir, *flags):
+    train.main(["--data_dir=" + data_dir, "--out_dir=" + str(out_dir), *TINY, *flags])
+
+
+def tiny_model(**overrides):
+    torch.manual_seed(0)
+    args = dict(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)
+    args.update(overrides)
+    return GPT(GPTConfig(**args))
+
+
+# --- model ------------------------------------------------------------------
+
+
+def test_causality_future_tokens_never_change_past_logits():
+    model = tiny_model().eval()
+    idx = torch.randint(0, 50, (2, 16))
+    changed = idx.clone()
+    changed[:, 10:] = torch.randint(0, 50, (2, 6))
+    with torch.no_grad():
+        y1 = torch.zeros_like(idx)
+        logits_a, _ = model(idx, y1)
+        logits_b, _ = model(changed, y1)
+    assert torch.allclose(logits_a[:, :10], logits_b[:, :10], atol=1e-6)
+    assert not torch.allclose(logits_a[:, 10:], logits_b[:, 10:])
+
+
+def test_initial_loss_is_about_ln_vocab():
+    model = tiny_model(vocab_size=500)
+    idx = torch.randint(0, 500, (4, 16))
+    _, loss = model(idx, torch.randint(0, 500, (4, 16)))
+    assert abs(loss.item() - math.log(500)) < 0.25
+
+
+def test_embedding_is_padded_and_tied():
+    model = tiny_model(vocab_size=50)
+    assert model.lm_head.weight.shape[0] == 64
+    assert model.transformer.wte.weight is model.lm_head.weight
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_chunked_loss_matches_plain_cross_entropy(bias):
+    idx, targets = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
+    grads = []
+    for chunked in (False, True):
+        model = tiny_model(bias=bias)
+        model.chunked_loss = chunked
+        _, loss = model(idx, targets)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss_a, grads_a), (loss_b, grads_b) = grads
+    assert torch.allclose(loss_a, loss_b, atol=1e-6)
+    for a, b in zip(grads_a, grads_b):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_tiny_batch_overfits():
+    model = tiny_model()
+    model.chunked_loss = True
+    optimizer = train.configure_optimizer(model, 0.0, 3e-3, (0.9, 0.95), "cpu")
+    idx = torch.randint(0, 50, (2, 16))
+    x, y = idx[:, :-1], idx[:, 1:]
+    for _ in range(200):
+        _, loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert loss.item() < 0.05
+
+
+def test_generate_never_samples_padding_ids():
+    model = tiny_model(vocab_size=50)
+    with torch.no_grad():
+        model.lm_head.weight[50:] = 10.0  # make the padding rows the most likely by far
+    out = model.generate(torch.zeros((4, 1), dtype=torch.long), 20, temperature=1.0)
+    assert out.max().item() < 50
+
+
+def test_kv_cache_greedy_matches_full_recompute_past_block_size():
+    model = tiny_model(block_size=16).eval()
+    prompt = torch.randint(0, 50, (2, 5))
+    cached = model.generate(prompt, 40, temperature=0, kv_cache=True)
+    uncached = model.generate(prompt, 40, temperature=0, kv_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+# --- data -------------------------------------------------------------------
+
+
+def test_get_batch_windows_come_from_the_stream(data_dir):
+    meta = train.load_meta(data_dir)
+    stream = np.fromfile(os.path.join(data_dir, "train.bin"), dtype=np.uint16).astype(np.int64)
+    x, y = get_batch(data_dir, meta, "train", 16, 32, torch.Generator().manual_seed(1), torch.device("cpu"))
+    assert x.shape == y.shape == (16, 32) and x.dtype == torch.long
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    windows = {tuple(stream[i:i + 33]) for i in range(len(stream) - 32)}
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        assert tuple(row_x + row_y[-1:]) in windows
+
+
+def test_get_batch_reads_uint32_streams(tmp_path):
+    ids = np.arange(100, 200, dtype=np.uint32) + 70_000
+    ids.tofile(tmp_path / "val.bin")
+    meta = {"dtype": "uint32", "val": {"file": "val.bin"}}
+    x, y = get_batch(str(tmp_path), meta, "val", 4, 8, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert x.min().item() >= 70_100 and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_data_shorter_than_block_size_names_both_sizes(data_dir, tmp_path):
+    with pytest.raises(UserError, match=r"the val split has 4\d{3} tokens, fewer than block_size \+ 1 = 8193"):
+        run_train(data_dir, tmp_path / "out", "--block_size=8192", "--max_iters=1")
+
+
+# --- optimizer and schedule -------------------------------------------------
+
+
+def test_lr_schedule_warmup_peak_and_end():
+    c = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=100, lr_decay_iters=0)
+    assert get_lr(0, c) == pytest.approx(1e-3 / 11)  # never zero at the first step
+    assert get_lr(10, c) == pytest.approx(1e-3)
+    assert get_lr(55, c) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))
+    assert get_lr(100, c) == pytest.approx(1e-4)
+    assert get_lr(500, c) == pytest.approx(1e-4)
+    lrs = [get_lr(i, c) for i in range(10, 101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_weight_decay_only_on_matrices():
+    model = tiny_model(bias=True)
+    optimizer = train.configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95), "cpu")
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert optimizer.defaults["fused"]  # the fused kernel, exercised here on the CPU
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--min_lr=1e-2", "--learning_rate=1e-3"], "is above --learning_rate=0.001, so the learning rate would rise"),
+    (["--n_embd=30", "--n_head=4"], "--n_embd=30 must be a multiple of --n_head=4"),
+    (["--warmup_iters=50", "--lr_decay_iters=10"], "--lr_decay_iters=10 must be 0 (= max_iters) or at least"),
+    (["--init_from=gpt2"], "--init_from must be 'scratch' or 'resume'"),
+    (["--dtype=float8"], "--dtype must be auto, float32, bfloat16 or float16"),
+    (["--batch_size=0"], "--batch_size must be at least 1"),
+    (["--lr=1"], "unknown setting 'lr'"),
+    (["--device=tpu"], "unknown device 'tpu'"),
+])
+def test_bad_settings_are_rejected_with_a_message(data_dir, tmp_path, flags, message):
+    with pytest.raises(UserError) as e:
+        run_train(data_dir, tmp_path / "out", "--max_iters=1", *flags)
+    assert message in str(e.value)
+
+
+def test_missing_dataset_and_checkpoint(tmp_path):
+    with pytest.raises(UserError, match="no dataset at .* run prepare.py first"):
+        train.main([f"--data_dir={tmp_path}/nothing", "--device=cpu"])
+    (tmp_path / "data").mkdir()
+    make_dataset(str(tmp_path / "data"))
+    with pytest.raises(UserError, match="no checkpoint at .*ckpt.pt"):
+        run_train(str(tmp_path / "data"), tmp_path / "out", "--init_from=resume")
+
+
+# --- the loop ---------------------------------------------------------------
+
+
+def test_training_learns_and_writes_log_plot_checkpoint(data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    run_train(data_dir, out, "--max_iters=40", "--eval_interval=20", "--plot=True")
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows] == [0, 20, 40]
+    assert set(rows[0]) == {"iter", "tokens", "train_loss", "val_loss", "val_bpb", "lr", "elapsed_s"}
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 1.0
+    assert rows[-1]["tokens"] == 40 * 2 * 8 * 32
+    assert rows[0]["val_bpb"] == pytest.approx(rows[0]["val_loss"] / math.log(2) / 3)  # 3 bytes per token here
+    assert (out / "loss.png").stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "config: out_dir=" in printed
+    assert "iter 40/40 | loss" in printed and "tok/s | mfu" in printed and "| eta 0m00s" in printed
+    checkpoint = torch.load(out / "ckpt.pt", weights_only=True)  # plain tensors and containers only
+    assert checkpoint["iter_num"] == 40 and checkpoint["meta"]["vocab_size"] == 64
+    assert {"model", "optimizer", "scaler", "config", "model_args", "rng", "best_val_loss"} <= set(checkpoint)
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in checkpoint["model"])
+
+
+def test_eval_only_reports_and_writes_nothing(data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    run_train(data_dir, out, "--max_iters=4", "--eval_interval=4")
+    capsys.readouterr()
+    before = (out / "ckpt.pt").stat().st_mtime_ns
+    run_train(data_dir, out, "--init_from=resume", "--eval_only=True")
+    assert "eval iter 4: train loss" in capsys.readouterr().out
+    assert (out / "ckpt.pt").stat().st_mtime_ns == before
+
+
+def test_resume_is_exact(data_dir, tmp_path):
+    """N steps, then resume for N more, ends with the same weights as 2N steps straight (dropout on, to cover RNG)."""
+    common = ["--lr_decay_iters=8", "--eval_interval=4", "--dropout=0.1"]
+    run_train(data_dir, tmp_path / "straight", "--max_iters=8", *common)
+    run_train(data_dir, tmp_path / "resumed", "--max_iters=4", *common)
+    run_train(data_dir, tmp_path / "resumed", "--max_iters=8", "--init_from=resume", *common)
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)
+    assert a["iter_num"] == b["iter_num"] == 8
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    straight = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    assert [r["val_loss"] for r in log] == [r["val_loss"] for r in straight]
+
+
+def test_checkpoint_write_is_atomic(data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run_train(data_dir, out, "--max_iters=4", "--eval_interval=4")
+    good = torch.load(out / "ckpt.pt", weights_only=True)
+
+    def crash_midway(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", crash_midway)
+    with pytest.raises(OSError):
+        run_train(data_dir, out, "--max_iters=8", "--eval_interval=4", "--init_from=resume")
+    after = torch.load(out / "ckpt.pt", weights_only=True)
+    assert after["iter_num"] == good["iter_num"] == 4
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run_train(data_dir, out, "--max_iters=4", "--eval_interval=4")
+    real_forward = GPT.forward
+
+    def forward_nan_after_iter_6(self, idx, targets=None, kv_cache=None):
+        logits, loss = real_forward(self, idx, targets, kv_cache)
+        if torch.is_grad_enabled() and forward_nan_after_iter_6.calls >= 2 * 2:  # micro-steps of iters 5 and 6
+            loss = loss * float("nan")
+        forward_nan_after_iter_6.calls += torch.is_grad_enabled()
+        return logits, loss
+
+    forward_nan_after_iter_6.calls = 0
+    monkeypatch.setattr(GPT, "forward", forward_nan_after_iter_6)
+    with pytest.raises(UserError, match=r"the loss became nan at iter 7; .*ckpt.pt keeps the last good checkpoint"):
+        run_train(data_dir, out, "--max_iters=20", "--eval_interval=4", "--init_from=resume")
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 4
+
+
+def test_bfloat16_autocast_on_cpu(data_dir, tmp_path):
+    out = tmp_path / "out"
+    run_train(data_dir, out, "--max_iters=6", "--eval_interval=6", "--dtype=bfloat16")
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+
+
+def test_torch_compile_on_cpu(data_dir, tmp_path):
+    out = tmp_path / "out"
+    run_train(data_dir, out, "--max_iters=3", "--eval_interval=3", "--compile=True")
+    checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
+    assert not any(k.startswith("_orig_mod.") for k in checkpoint["model"])
+    assert math.isfinite(checkpoint["best_val_loss"])
+
+
+def _cli(*args, **kwargs):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_cli_error_is_one_line_without_traceback(data_dir, tmp_path):
+    proc = _cli(f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--min_lr=1", "--learning_rate=0.1")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("train.py: error: --min_lr=1 is above --learning_rate=0.1")
+
+
+def test_help_documents_every_field():
+    proc = _cli("--help")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    for name in ("out_dir", "gradient_accumulation_steps", "lr_decay_iters", "compile", "seed"):
+        line = next(line for line in out.splitlines() if line.strip().startswith(f"--{name}="))
+        assert len(line.split(None, 1)[1]) > 5, line  # a description follows the default
+
+
+def test_ctrl_c_saves_a_checkpoint(data_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = _cli(f"--data_dir={data_dir}", f"--out_dir={out}", *TINY, "--max_iters=100000", "--eval_interval=100000")
+    for line in proc.stdout:
+        if line.startswith("iter 3/"):
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "interrupted: saved" in rest and "--init_from=resume" in rest
+    checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
+    assert checkpoint["iter_num"] >= 3
+
+
+def test_ddp_two_processes_match_one(data_dir, tmp_path):
+    """torchrun with 2 gloo processes and the same global batch gives the weights of one process."""
+    common = [f"--data_dir={data_dir}", *TINY, "--max_iters=3", "--eval_interval=3"]
+    single = subprocess.run([sys.executable, "train.py", f"--out_dir={tmp_path}/one", *common], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", f"--out_dir={tmp_path}/two", *common], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "2 process(es), 1 micro-step(s)" in ddp.stdout
+    a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["model"]
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key

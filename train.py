@@ -1,0 +1,816 @@
+"""
+Train a GPT on the token streams written by prepare.py. The whole trainer is this one file, read top to bottom:
+config, model, data, optimizer and schedule, evaluation, training loop.
+
+    python train.py                                      # the default recipe, for one GPU
+    python train.py configs/tinystories_cpu.py           # a small model that learns on a laptop CPU
+    python train.py --n_layer=4 --batch_size=16 --compile=False
+    python train.py --init_from=resume                   # continue from out_dir/ckpt.pt
+    torchrun --standalone --nproc_per_node=8 train.py    # data-parallel on 8 GPUs
+
+Importing this file has no side effects: sample.py, export.py and the tests use GPT, get_batch and friends.
+"""
+
+import contextlib
+import ctypes
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from prepare import UserError, parse_config, print_config, run_main
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out"  # checkpoints (ckpt.pt), log.jsonl and loss.png go here
+    data_dir: str = "data/tinystories"  # train.bin, val.bin and meta.json written by prepare.py
+    init_from: str = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+    eval_interval: int = 500  # evaluate, log and checkpoint every this many iterations
+    log_interval: int = 10  # print a progress line every this many iterations
+    eval_iters: int = 50  # batches per split in each evaluation
+    eval_only: bool = False  # evaluate once and exit
+    always_save_checkpoint: bool = True  # save at every eval; False keeps only the best val loss
+    plot: bool = True  # redraw out_dir/loss.png at every eval
+    # data
+    batch_size: int = 64  # sequences per micro-step (per GPU)
+    block_size: int = 512  # context length in tokens
+    gradient_accumulation_steps: int = 4  # micro-steps per optimizer step, over all GPUs together
+    # model
+    n_layer: int = 8  # transformer blocks
+    n_head: int = 8  # attention heads
+    n_embd: int = 512  # width of the residual stream
+    dropout: float = 0.0  # 0 for pretraining; try 0.1 when overfitting a small dataset
+    bias: bool = False  # biases in Linear and LayerNorm layers (GPT-2 had them)
+    # optimizer (AdamW) and learning-rate schedule
+    learning_rate: float = 1e-3  # peak learning rate, reached after warmup
+    max_iters: int = 5000  # optimizer steps in total
+    weight_decay: float = 0.1  # applied to matrices and embeddings only
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # clip the gradient norm to this; 0 disables
+    decay_lr: bool = True  # cosine decay after warmup; False keeps learning_rate constant
+    warmup_iters: int = 200  # linear warmup steps
+    lr_decay_iters: int = 0  # step at which the cosine reaches min_lr; 0 means max_iters
+    min_lr: float = 1e-4  # floor of the cosine decay, at most learning_rate
+    # system
+    device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
+    dtype: str = "auto"  # auto (bfloat16 where supported, float16 on older GPUs, float32 on CPU/MPS), or one of those
+    compile: str = "auto"  # torch.compile the model: auto (on for CUDA), True or False
+    seed: int = 1337  # seeds init, batch order and dropout; each DDP rank adds its rank
+    peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 looks it up (GPU) or measures a matmul (CPU)
+
+
+# The default recipe, from FLOPs arithmetic. Goal: val loss <= 1.30 on TinyStories with GPT-2 tokens in <= 15 min on
+# one H100 (989 TFLOP/s dense bf16).
+# - Model 8 layers x 512 wide: 12 * 8 * 512^2 = 25.2M parameters in the blocks, plus a 50304 x 512 = 25.8M tied
+#   embedding that is also the LM head. Training costs 6 * 51M + 12 * n_layer * block_size * n_embd = 331 MFLOP/token.
+# - A model this small reaches about 30% MFU with bf16 and torch.compile: 300 TFLOP/s / 331 MFLOP = 0.9M tokens/s.
+# - 5000 steps x (64 x 512 x 4 = 131K tokens) = 655M tokens, about 1.4 epochs of TinyStories' 472M training tokens,
+#   in 655M / 0.9M = 12 min, leaving room for compilation and evaluation inside 15 minutes.
+
+
+def validate(config):
+    """Reject settings that would silently train the wrong thing, before any work is done."""
+    c = config
+    problems = []
+    if c.init_from not in ("scratch", "resume"):
+        problems.append(f"--init_from must be 'scratch' or 'resume', got {c.init_from!r}")
+    for name in ("batch_size", "block_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd",
+                 "eval_iters", "eval_interval", "log_interval"):
+        if getattr(c, name) < 1:
+            problems.append(f"--{name} must be at least 1, got {getattr(c, name)}")
+    if c.n_head >= 1 and c.n_embd % c.n_head:
+        problems.append(f"--n_embd={c.n_embd} must be a multiple of --n_head={c.n_head}")
+    if not 0 <= c.dropout < 1:
+        problems.append(f"--dropout must be in [0, 1), got {c.dropout}")
+    if c.learning_rate <= 0 or c.max_iters < 0 or c.warmup_iters < 0 or c.grad_clip < 0:
+        problems.append("--learning_rate must be > 0 and --max_iters, --warmup_iters, --grad_clip >= 0")
+    if c.decay_lr:
+        if c.min_lr > c.learning_rate:
+            problems.append(f"--min_lr={c.min_lr:g} is above --learning_rate={c.learning_rate:g}, so the learning "
+                            "rate would rise during 'decay'; lower --min_lr")
+        if c.lr_decay_iters < 0 or 0 < c.lr_decay_iters < c.warmup_iters:
+            problems.append(f"--lr_decay_iters={c.lr_decay_iters} must be 0 (= max_iters) or at least "
+                            f"--warmup_iters={c.warmup_iters}")
+    if c.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        problems.append(f"--dtype must be auto, float32, bfloat16 or float16, got {c.dtype!r}")
+    if str(c.compile).lower() not in ("auto", "true", "false"):
+        problems.append(f"--compile must be auto, True or False, got {c.compile!r}")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+# -----------------------------------------------------------------------------
+# model
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50257  # the tokenizer's; the embedding is padded up to a multiple of 64
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's always has one)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class KVCache:
+    """Keys and values of every position seen so far, preallocated, so that each new token costs one position."""
+
+    def __init__(self, config, batch_size, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # positions filled
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, kv_cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if kv_cache is not None:
+            start = kv_cache.pos
+            assert start == 0 or T == 1, "the cache takes a whole prompt first, then one token at a time"
+            kv_cache.k[self.layer_idx, :, :, start:start + T] = k
+            kv_cache.v[self.layer_idx, :, :, start:start + T] = v
+            k = kv_cache.k[self.layer_idx, :, :, :start + T]
+            v = kv_cache.v[self.layer_idx, :, :, :start + T]
+        # flash attention where the device has it; a single new token may attend to every cached position
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=T > 1)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's variant, so exported models match transformers exactly
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class ChunkedLMHeadLoss(torch.autograd.Function):
+    """
+    cross_entropy(x @ weight.T, targets), a block of rows at a time, with the gradients computed during the forward.
+    With a 50K vocabulary the full logits of one batch and their gradient take hundreds of MB; allocating and freeing
+    them every step costs more than the arithmetic on a CPU. Here only one block of logits ever exists. Used in eager
+    fp32 mode; torch.compile fuses the plain cross-entropy itself.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, rows_per_chunk):
+        n = x.size(0)
+        grad_x, grad_weight = torch.empty_like(x), torch.zeros_like(weight)
+        loss = torch.zeros((), device=x.device, dtype=torch.float32)
+        for i in range(0, n, rows_per_chunk):
+            xc, tc = x[i:i + rows_per_chunk], targets[i:i + rows_per_chunk]
+            logits = xc @ weight.T
+            lse = torch.logsumexp(logits, dim=1)
+            loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            probs[torch.arange(len(tc), device=x.device), tc] -= 1.0  # d(loss)/d(logits) = softmax - one_hot
+            probs.mul_(1.0 / n)
+            torch.matmul(probs, weight, out=grad_x[i:i + rows_per_chunk])
+            grad_weight.addmm_(probs.T, xc)
+        ctx.save_for_backward(grad_x, grad_weight)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_weight = ctx.saved_tensors
+        return grad_x * grad_loss, grad_weight * grad_loss, None, None
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        # a multiple of 64 rows makes the head's matmuls faster; the padding ids are never targets or samples
+        padded_vocab = (config.vocab_size + 63) // 64 * 64
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(padded_vocab, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, padded_vocab, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied: https://paperswithcode.com/method/weight-tying
+        self.chunked_loss = False  # train.py turns this on in eager fp32 mode
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # GPT-2: residual projections scaled down by depth
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=True):
+        """Parameters; the position embedding is left out by default, as it does no matmul work."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        B, T = idx.size()
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x, kv_cache)
+        x = self.transformer.ln_f(x)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        if targets is None:  # generating: only the last position's logits are needed
+            return self.lm_head(x[:, [-1], :]), None
+        if self.chunked_loss and torch.is_grad_enabled():
+            loss = ChunkedLMHeadLoss.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), 256)
+            return None, loss
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def flops_per_token(self):
+        """Training FLOPs per token: 6 per parameter (forward + backward) plus attention (PaLM paper, appendix B)."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+
+    def estimate_mfu(self, tokens_per_second, peak_flops):
+        """Model FLOPs utilisation: achieved training FLOP/s as a fraction of the device's peak."""
+        return self.flops_per_token() * tokens_per_second / peak_flops
+
+    @torch.no_grad()
+    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, kv_cache=True,
+                        generator=None):
+        """
+        Yield the next token of every sequence in idx (B, T), max_new_tokens times. With kv_cache each step runs one
+        position; when the context is full it is cut to its last half and re-encoded, since learned absolute
+        positions cannot slide. Without it every step re-runs the whole (cropped) context, as nanoGPT does.
+        """
+        block_size = self.config.block_size
+        cache = None
+        for _ in range(max_new_tokens):
+            if not kv_cache:
+                logits, _ = self(idx[:, -block_size:])
+            elif cache is None or cache.pos >= block_size:
+                context = idx[:, -(block_size // 2 + 1):] if cache is not None else idx[:, -block_size:]
+                param = self.lm_head.weight
+                cache = KVCache(self.config, idx.size(0), param.device, param.dtype)
+                logits, _ = self(context, kv_cache=cache)
+            else:
+                logits, _ = self(idx[:, -1:], kv_cache=cache)
+            logits = logits[:, -1, :self.config.vocab_size]  # never sample a padding id
+            next_token = sample_next_token(logits, temperature, top_k, top_p, generator)
+            idx = torch.cat((idx, next_token[:, None]), dim=1)
+            yield next_token
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, **kwargs):
+        """idx (B, T) followed by max_new_tokens sampled tokens; keyword arguments as for generate_tokens."""
+        new = list(self.generate_tokens(idx, max_new_tokens, **kwargs))
+        return torch.cat([idx] + [t[:, None] for t in new], dim=1)
+
+
+def sample_next_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """One token per row of logits (B, V): greedy at temperature 0, else from the top_k / top_p filtered softmax."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:  # nucleus: the smallest set of most likely tokens whose probability reaches top_p
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+# -----------------------------------------------------------------------------
+# data
+
+
+def load_meta(data_dir):
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(path):
+        raise UserError(f"no dataset at {data_dir} (meta.json is missing): run prepare.py first, "
+                        f"or point --data_dir at its output")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def get_batch(data_dir, meta, split, batch_size, block_size, generator, device):
+    """
+    batch_size random windows of block_size + 1 tokens: x is each window's first block_size tokens, y the same
+    shifted by one. The memmap is opened anew for every batch: a long-lived one keeps every page it has touched
+    resident, so memory would grow with the step count (nanoGPT issue #287).
+    """
+    info = meta[split]
+    data = np.memmap(os.path.join(data_dir, info["file"]), dtype=np.dtype(meta["dtype"]), mode="r")
+    if len(data) < block_size + 1:
+        raise UserError(f"the {split} split has {len(data)} tokens, fewer than block_size + 1 = {block_size + 1}: "
+                        f"use a smaller --block_size or more data")
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
+    windows = torch.from_numpy(data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))  # one gather
+    x, y = windows[:, :-1], windows[:, 1:]
+    if device.type == "cuda":  # pinned memory lets the copies overlap with the GPU's work
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.contiguous().to(device), y.contiguous().to(device)
+
+
+# -----------------------------------------------------------------------------
+# optimizer and learning-rate schedule
+
+
+def configure_optimizer(model, weight_decay, learning_rate, betas, device_type):
+    """AdamW; weight decay only on matrices and embeddings (>= 2-D), never on biases and norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = device_type in ("cuda", "cpu")  # one kernel for all parameters; PyTorch has it on these devices
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+
+def get_lr(it, config):
+    """Linear warmup that starts above zero, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    c = config
+    if not c.decay_lr:
+        return c.learning_rate
+    if it < c.warmup_iters:
+        return c.learning_rate * (it + 1) / (c.warmup_iters + 1)
+    decay_iters = c.lr_decay_iters or c.max_iters
+    if it >= decay_iters:
+        return c.min_lr
+    progress = (it - c.warmup_iters) / max(1, decay_iters - c.warmup_iters)
+    return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (c.learning_rate - c.min_lr)
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def estimate_loss(model, batch_fn, eval_iters, autocast, seed):
+    """
+    Mean loss over eval_iters batches of each split. The batches come from a generator seeded the same way at every
+    evaluation, so figures are comparable between evaluations, runs and resumes.
+    """
+    model.eval()
+    losses = {}
+    for split in ("train", "val"):
+        generator = torch.Generator().manual_seed(seed)
+        total = torch.zeros(())
+        for _ in range(eval_iters):
+            x, y = batch_fn(split, generator)
+            with autocast:
+                _, loss = model(x, y)
+            total += loss.float().cpu()
+        losses[split] = total.item() / eval_iters
+    model.train()
+    return losses
+
+
+def bits_per_byte(loss, meta):
+    """Val loss in nats/token -> bits per UTF-8 byte of text: comparable across tokenizers and vocabularies."""
+    val = meta["val"]
+    return loss / math.log(2) * val["tokens"] / max(1, val["bytes"])
+
+
+def plot_losses(log_path, png_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(log_path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    tokens = [r["tokens"] / 1e6 for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(tokens, [r["train_loss"] for r in rows], label="train")
+    ax.plot(tokens, [r["val_loss"] for r in rows], label="val")
+    ax.set_xlabel("tokens (millions)")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path + ".tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(png_path + ".tmp.png", png_path)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(path, checkpoint):
+    """Write to a temporary file and rename it into place: an interrupted save never leaves a half-written ckpt.pt."""
+    tmp = path + ".tmp"
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def strip_prefixes(state_dict):
+    """Keys as the bare model names them: torch.compile adds '_orig_mod.', DDP adds 'module.'."""
+    clean = {}
+    for key, value in state_dict.items():
+        for prefix in ("_orig_mod.", "module."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        clean[key] = value
+    return clean
+
+
+def load_checkpoint(path, map_location="cpu"):
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}: train one with train.py, or point --out_dir at its folder")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable slm checkpoint ({type(e).__name__}): re-save it with train.py") \
+            from None
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_args" not in checkpoint:
+        raise UserError(f"{path} is not an slm checkpoint (no model/model_args): re-save it with train.py")
+    if checkpoint.get("version") != CHECKPOINT_VERSION:
+        raise UserError(f"{path} was written by an incompatible version of train.py (checkpoint version "
+                        f"{checkpoint.get('version')}, this code reads {CHECKPOINT_VERSION}): retrain, or use the "
+                        f"train.py that wrote it")
+    checkpoint["model"] = strip_prefixes(checkpoint["model"])
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint):
+    model = GPT(GPTConfig(**checkpoint["model_args"]))
+    model.load_state_dict(checkpoint["model"])
+    return model
+
+
+CHECKPOINT_VERSION = 1
+
+
+def rng_state():
+    return {
+        "python": list(random.getstate()[1]),
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state):
+    random.setstate((3, tuple(state["python"]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -----------------------------------------------------------------------------
+# devices
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device={name} but this PyTorch sees no CUDA GPU: use --device=cpu, or install a CUDA "
+                        "build of torch (see README)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device={name} but MPS is not available here: use --device=cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unsupported device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def pick_dtype(name, device):
+    if name == "auto":
+        if device.type == "cuda":
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "float32"
+    if name == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("this GPU has no bfloat16: use --dtype=float16 (with loss scaling) or --dtype=float32")
+    return name
+
+
+def peak_flops_of(device, dtype):
+    """Dense peak FLOP/s for MFU: a table for common GPUs, a quick measured matmul elsewhere."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        table = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
+                 "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+        for key, flops in table.items():
+            if key in name:
+                return flops if dtype != "float32" else flops / 2  # TF32 runs at half the bf16 rate
+        return 0.0
+    size = 2048  # fp32 matmul on this CPU: the practical peak
+    a = torch.rand(size, size, generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
+    a @ a
+    t0 = time.perf_counter()
+    for _ in range(3):
+        a @ a
+    return 3 * 2 * size ** 3 / (time.perf_counter() - t0)
+
+
+def keep_freed_memory():
+    """
+    glibc hands large freed buffers back to the kernel and maps them anew on the next step: with a 50K-vocabulary
+    head that is a third of the CPU time in page faults. Keeping freed memory for reuse gives the same results
+    sooner (BASELINES.md: -35% per step).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc (macOS, Windows, musl): nothing to tune
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    libc.mallopt(M_MMAP_MAX, 0)
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
+# -----------------------------------------------------------------------------
+# training loop
+
+
+def main(argv=None):
+    config = parse_config(TrainConfig, argv, __doc__)
+    validate(config)
+
+    # one process per GPU under torchrun; a plain `python train.py` is a world of one
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if ddp:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if config.device in ("auto", "cuda") and torch.cuda.is_available():
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        else:
+            device = pick_device("cpu" if config.device == "auto" else config.device)
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    else:
+        device = pick_device(config.device)
+    if config.gradient_accumulation_steps % world_size:
+        raise UserError(f"--gradient_accumulation_steps={config.gradient_accumulation_steps} must be a multiple of "
+                        f"the number of processes ({world_size})")
+    grad_accum = config.gradient_accumulation_steps // world_size
+    master = rank == 0
+    dtype = pick_dtype(config.dtype, device)
+    compile_model = str(config.compile).lower() == "true" or (str(config.compile).lower() == "auto"
+                                                               and device.type == "cuda")
+    if compile_model and device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            if str(config.compile).lower() == "true":
+                raise UserError("torch.compile needs Triton, which this platform lacks: use --compile=False")
+            print("note: torch.compile is not available here (no Triton); running eagerly")
+            compile_model = False
+    tokens_per_iter = grad_accum * world_size * config.batch_size * config.block_size
+    say = print if master else (lambda *args, **kwargs: None)
+    print_config(config) if master else None
+    if device.type == "cpu" and config.n_embd >= 512 and config.max_iters >= 1000:
+        say("note: these are the GPU defaults; on a CPU try `python train.py configs/tinystories_cpu.py`")
+    say(f"device {device}, dtype {dtype}, compile {compile_model}, {world_size} process(es), "
+        f"{grad_accum} micro-step(s) of {config.batch_size} x {config.block_size}: {tokens_per_iter:,} tokens/iter")
+
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmuls left outside autocast
+        torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cpu":
+        keep_freed_memory()
+    torch.manual_seed(config.seed + rank)
+    meta = load_meta(config.data_dir)
+    os.makedirs(config.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
+    log_path = os.path.join(config.out_dir, "log.jsonl")
+
+    # model, optimizer, loss scaler: fresh, or exactly as they were saved
+    iter_num, best_val_loss, elapsed_before = 0, float("inf"), 0.0
+    if config.init_from == "resume":
+        checkpoint = load_checkpoint(ckpt_path)
+        model_args = checkpoint["model_args"]  # the architecture is the checkpoint's, whatever the flags say
+        if checkpoint["meta"].get("tokenizer") != meta.get("tokenizer"):
+            raise UserError(f"{ckpt_path} was trained on {checkpoint['meta'].get('tokenizer')} tokens but "
+                            f"{config.data_dir} holds {meta.get('tokenizer')} tokens: use the same --data_dir")
+        iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+        elapsed_before = checkpoint.get("elapsed_s", 0.0)
+        say(f"resuming from {ckpt_path} at iter {iter_num}")
+    else:
+        model_args = dict(block_size=config.block_size, vocab_size=meta["vocab_size"], n_layer=config.n_layer,
+                          n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, bias=config.bias)
+    model = GPT(GPTConfig(**model_args))
+    if config.init_from == "resume":
+        model.load_state_dict(checkpoint["model"])
+    model.to(device)
+    model.chunked_loss = not compile_model and dtype == "float32"
+    block_size = model.config.block_size
+    say(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.flops_per_token() / 1e6:.0f} MFLOP/token")
+    optimizer = configure_optimizer(model, config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
+                                    device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")  # fp16 needs loss scaling; bf16 does not
+    if config.init_from == "resume":
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        set_rng_state(checkpoint["rng"])
+        del checkpoint
+    if master and os.path.exists(log_path):  # a new run starts a new log; a resumed one drops what it will redo
+        with open(log_path, encoding="utf-8") as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["iter"] < iter_num]
+        with open(log_path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(log_path + ".tmp", log_path)
+    if master and meta.get("tokenizer_file"):  # sample.py needs only out_dir: the tokenizer travels with ckpt.pt
+        src = os.path.join(config.data_dir, meta["tokenizer_file"])
+        dst = os.path.join(config.out_dir, meta["tokenizer_file"])
+        with open(src, "rb") as f_in, open(dst + ".tmp", "wb") as f_out:
+            f_out.write(f_in.read())
+        os.replace(dst + ".tmp", dst)
+
+    raw_model = model  # the bare GPT: its state_dict has no compile/DDP prefixes
+    if compile_model:
+        say("compiling the model (takes a minute)...")
+        model = torch.compile(model)
+    train_model = model  # evaluation runs on model; training on train_model, which syncs gradients under DDP
+    if ddp:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = (torch.autocast(device_type=device.type, dtype=getattr(torch, dtype)) if dtype != "float32"
+                else contextlib.nullcontext())
+    peak_flops = config.peak_flops or peak_flops_of(device, dtype)
+
+    def batch(split, generator):
+        return get_batch(config.data_dir, meta, split, config.batch_size, block_size, generator, device)
+
+    def checkpoint_now():
+        return {
+            "version": CHECKPOINT_VERSION, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss,
+            "model_args": model_args, "config": dataclasses.asdict(config), "meta": meta, "rng": rng_state(),
+            "elapsed_s": elapsed_before + time.time() - t_start, "tokens": iter_num * tokens_per_iter,
+        }
+
+    # Ctrl-C finishes the current step, saves a checkpoint and exits; a second Ctrl-C stops at once
+    stop_requested = []
+
+    def request_stop(signum, frame):
+        stop_requested.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, request_stop)
+
+    batch_generator = torch.Generator()
+    t_start = t_last = time.time()
+    iters_since_log = 0
+    while True:
+        lr = get_lr(iter_num, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        if master and (iter_num % config.eval_interval == 0 or iter_num >= config.max_iters or config.eval_only):
+            losses = estimate_loss(model, batch, config.eval_iters, autocast, config.seed)
+            val_bpb = bits_per_byte(losses["val"], meta)
+            say(f"eval iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+                f"val ppl {math.exp(min(losses['val'], 50)):.2f}, val bits/byte {val_bpb:.4f}")
+            if config.eval_only:
+                break
+            if not all(math.isfinite(v) for v in losses.values()):
+                raise UserError(f"the loss became {losses['val']} at iter {iter_num}; {ckpt_path} keeps the last "
+                                "good checkpoint. Try a lower --learning_rate, or --dtype=bfloat16/float32")
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"iter": iter_num, "tokens": iter_num * tokens_per_iter,
+                                    "train_loss": losses["train"], "val_loss": losses["val"], "val_bpb": val_bpb,
+                                    "lr": lr, "elapsed_s": round(elapsed_before + time.time() - t_start, 3)}) + "\n")
+            if config.plot:
+                plot_losses(log_path, os.path.join(config.out_dir, "loss.png"))
+            if iter_num > 0 and (losses["val"] < best_val_loss or config.always_save_checkpoint):
+                best_val_loss = min(best_val_loss, losses["val"])
+                save_checkpoint(ckpt_path, checkpoint_now())
+            t_last = time.time()  # evaluation time is not training time
+        if iter_num >= config.max_iters or config.eval_only:
+            break
+
+        # one optimizer step. Each micro-batch is a function of (seed, iter, its index in the global batch): a
+        # resumed run sees the same batches, and so does a run on a different number of GPUs.
+        for micro_step in range(grad_accum):
+            if ddp:  # average gradients across processes once, on the last micro-step
+                train_model.require_backward_grad_sync = micro_step == grad_accum - 1
+            batch_generator.manual_seed((config.seed * 1_000_003 + iter_num) * 100_003 + rank * grad_accum + micro_step)
+            x, y = batch("train", batch_generator)
+            with autocast:
+                _, loss = train_model(x, y)
+            scaler.scale(loss / grad_accum).backward()
+        if config.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        iters_since_log += 1
+
+        if iter_num % config.log_interval == 0 or iter_num == config.max_iters:
+            loss_now = loss.item()  # the only host-device sync of the step, once per log_interval
+            if not math.isfinite(loss_now):
+                raise UserError(f"the loss became {loss_now} at iter {iter_num}; {ckpt_path} keeps the last good "
+                                "checkpoint. Try a lower --learning_rate, or --dtype=bfloat16/float32")
+            dt = (time.time() - t_last) / iters_since_log
+            t_last, iters_since_log = time.time(), 0
+            tokens_per_s = tokens_per_iter / dt
+            mfu = raw_model.estimate_mfu(tokens_per_s / world_size, peak_flops) if peak_flops else 0.0
+            eta = (config.max_iters - iter_num) * dt
+            say(f"iter {iter_num}/{config.max_iters} | loss {loss_now:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | "
+                f"{tokens_per_s:,.0f} tok/s | mfu {mfu * 100:.1f}% | eta {int(eta // 60)}m{int(eta % 60):02d}s")
+
+        stop = bool(stop_requested)
+        if ddp:  # every process must stop after the same step: they agree once per log_interval
+            stop = False
+            if iter_num % config.log_interval == 0:
+                flag = torch.tensor([float(bool(stop_requested))], device=device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                stop = flag.item() > 0
+        if stop:
+            if master:
+                if config.always_save_checkpoint:
+                    save_checkpoint(ckpt_path, checkpoint_now())
+                    say(f"interrupted: saved {ckpt_path} at iter {iter_num}; continue with --init_from=resume")
+                else:
+                    say(f"interrupted at iter {iter_num}; {ckpt_path} keeps the best val loss")
+            break
+
+    if ddp:
+        torch.distributed.barrier()  # rank 0 may still be evaluating and saving: leave together
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run_main(main)
