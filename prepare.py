@@ -13,10 +13,15 @@ scripts share: the command-line/config-file parser and the tokenizer loader.
 import ast
 import dataclasses
 import difflib
+import glob
 import inspect
+import itertools
 import json
 import os
+import random
+import re
 import sys
+import time
 
 # -----------------------------------------------------------------------------
 # shared helpers: one-line errors, --key=value flags generated from a dataclass, tokenizers
@@ -188,6 +193,23 @@ class Tokenizer:
             return self._tiktoken.decode(ids)
         return self._hf.decode(ids, skip_special_tokens=False)
 
+    def encode_stories(self, stories):
+        """Each story's ids followed by the end-of-text token, in one flat np.uint32 array: what prepare.py writes."""
+        import numpy as np
+
+        if self._tiktoken is not None:
+            # One call on the stories joined by the end-of-text text gives the same ids as one call per story (tiktoken
+            # splits at special tokens before anything else), about 30% faster, and straight into numpy. The joined text
+            # holds one end-of-text per story unless a story contains that text itself: then each story goes alone, as
+            # ordinary text.
+            text = EOT_TEXT.join(stories) + EOT_TEXT
+            if stories and text.count(EOT_TEXT) == len(stories):
+                return self._tiktoken.encode_to_numpy(text, allowed_special={EOT_TEXT})
+            ids = [self._tiktoken.encode_ordinary(s) + [self.eot_token] for s in stories]
+        else:
+            ids = [e.ids + [self.eot_token] for e in self._hf.encode_batch_fast(stories)]
+        return np.fromiter(itertools.chain.from_iterable(ids), np.uint32)
+
 
 def load_tokenizer(meta, data_dir):
     """The Tokenizer that made a dataset, from its meta.json and the folder that holds it."""
@@ -204,3 +226,347 @@ def _load_tiktoken_gpt2():
         raise UserError(
             f"tiktoken could not load the GPT-2 BPE files ({type(e).__name__}). It downloads them on first use; "
             "offline, set TIKTOKEN_CACHE_DIR to a folder that holds them, or use --tokenizer=bpe:N") from None
+
+
+# -----------------------------------------------------------------------------
+# prepare: a corpus -> data_dir/train.bin, val.bin, meta.json (and tokenizer.json for bpe:N)
+#
+# What counts as a story, exactly (the token streams are encode(story) + [end-of-text] for each one, in order):
+#   hub datasets, .parquet, .json, .jsonl  one row of --text_column, unchanged (rows of only whitespace are skipped);
+#   .txt with lines that are exactly <|endoftext|> (the official TinyStories files)  the text between those lines;
+#   any other .txt  the text between blank lines (a blank line holds nothing but spaces or tabs).
+# In .txt files, the line breaks at the start and end of a story belong to the separator and are dropped; everything
+# else is kept. .txt files are read as text, so Windows '\r\n' line ends become '\n' (the same tokens as the file
+# saved with '\n'); the columnar formats keep every character as stored. Literal '<|endoftext|>' text stays text.
+
+
+@dataclasses.dataclass
+class PrepareConfig:
+    dataset: str = "roneneldan/TinyStories"  # Hugging Face dataset (hub name or local folder) with a train split
+    text_column: str = "text"  # the column that holds one story per row (hub, .parquet, .json, .jsonl)
+    train_files: str = ""  # read these local files instead of --dataset: paths or globs, comma-separated
+    val_files: str = ""  # local validation files; when empty, val_fraction of the training stories is held out
+    val_fraction: float = 0.005  # share of training stories held out when the source has no validation split
+    seed: int = 1337  # which stories are held out
+    tokenizer: str = "gpt2"  # gpt2 (tiktoken's GPT-2 BPE) or bpe:N (train a byte-level BPE of N tokens here)
+    dtype: str = "auto"  # token file dtype: auto (uint16 when the vocabulary fits, else uint32), uint16 or uint32
+    data_dir: str = "data/tinystories"  # where train.bin, val.bin, meta.json (and tokenizer.json) are written
+    force: bool = False  # rebuild even when data_dir already holds the output of these settings
+    num_workers: int = 0  # encoding threads (0 = all cores)
+    chunk_mb: float = 4.0  # MB of text a worker encodes at once: memory grows with chunk_mb x workers, not the corpus
+    cache_dir: str = ""  # where datasets keeps its Arrow copy of the source (empty = its default cache)
+
+
+VERSION = 1  # bump when a change here changes the output for the same settings, so old outputs get rebuilt
+BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+VAL_SPLITS = ("validation", "valid", "val")
+EOT_LINE = re.compile(r"^<\|endoftext\|>$\n?", re.MULTILINE)  # official TinyStories .txt: a line holding just that
+BLANK_LINES = re.compile(r"\n(?:[ \t]*\n)+")  # any other .txt: one or more blank lines
+
+
+def main(argv=None):
+    cfg = parse_config(PrepareConfig, argv, __doc__)
+    vocab_size, dtype = check_tokenizer(cfg)
+    if not 0 <= cfg.val_fraction < 1:
+        raise UserError(f"--val_fraction must be at least 0 and below 1, got {cfg.val_fraction}")
+    if cfg.val_files and not cfg.train_files:
+        raise UserError("--val_files needs --train_files too (or leave both empty to use --dataset)")
+    train_files, val_files = find_files(cfg.train_files, "train_files"), find_files(cfg.val_files, "val_files")
+    # Everything that decides the output, inputs included (local files by size and modification time), so a re-run
+    # can tell that data_dir already holds exactly this without reading the corpus.
+    settings = dict(version=VERSION, tokenizer=cfg.tokenizer, dtype=dtype, text_column=cfg.text_column,
+                    val_fraction=cfg.val_fraction, seed=cfg.seed, dataset=None if train_files else cfg.dataset,
+                    train_files=fingerprint(train_files), val_files=fingerprint(val_files))
+    meta = None if cfg.force else read_meta_if_complete(cfg.data_dir, settings)
+    if meta:
+        print(f"{cfg.data_dir} is up to date ({meta['train']['tokens']:,} train and {meta['val']['tokens']:,} val "
+              "tokens); --force=True rebuilds it")
+        return meta
+
+    out = {name: os.path.join(cfg.data_dir, name) for name in ("train.bin", "val.bin", "tokenizer.json", "meta.json")}
+    tmp = {name: path + ".tmp" for name, path in out.items()}
+    try:  # find out now, not after an hour of work
+        os.makedirs(cfg.data_dir, exist_ok=True)
+        open(tmp["train.bin"], "wb").close()
+        remove(tmp["train.bin"])
+    except OSError as e:
+        raise UserError(f"cannot write to --data_dir={cfg.data_dir} ({e.strerror}); choose a folder you can write to"
+                        ) from None
+    tokenizer = Tokenizer("gpt2") if cfg.tokenizer == "gpt2" else None  # fails fast when tiktoken is offline
+    train, val, source = load_sources(cfg, train_files, val_files)
+    try:
+        if tokenizer is None:
+            no_val = None if val is None else []  # the training stories only: the same ones held out, no val source
+            with progress_bar(train, cfg, "training BPE") as bar:
+                train_bpe(vocab_size, (t for t, _ in story_chunks(train, no_val, cfg, bar)), tmp["tokenizer.json"])
+            tokenizer = Tokenizer(cfg.tokenizer, tmp["tokenizer.json"])
+        with progress_bar(train + (val or []), cfg, "tokenizing") as bar:
+            counts = write_tokens(story_chunks(train, val, cfg, bar), tokenizer, dtype, tmp["train.bin"],
+                                  tmp["val.bin"], cfg.num_workers or len(os.sched_getaffinity(0)), bar)
+        for split, c in counts.items():
+            if c["stories"] == 0:
+                raise UserError(f"the {split} split is empty (no stories in {source[split]}); give it files with "
+                                f"--{split}_files" + (" or raise --val_fraction" if split == "val" else ""))
+        bpe = tokenizer.name != "gpt2"
+        meta = {"tokenizer": tokenizer.name, "tokenizer_file": "tokenizer.json" if bpe else None,
+                "vocab_size": tokenizer.vocab_size, "eot_token": tokenizer.eot_token, "dtype": dtype,
+                "train": {"file": "train.bin", **counts["train"]}, "val": {"file": "val.bin", **counts["val"]},
+                "source": source, "settings": settings}
+        # Swap the new files in. The old meta.json goes first, so no moment leaves a meta.json beside files it does
+        # not describe, and the new one comes last: a data_dir without meta.json is never trusted.
+        remove(out["meta.json"])
+        for name in ("train.bin", "val.bin") + (("tokenizer.json",) if bpe else ()):
+            os.replace(tmp[name], out[name])
+        if not bpe:
+            remove(out["tokenizer.json"])  # left by an earlier bpe run
+        with open(tmp["meta.json"], "w") as f:
+            json.dump(meta, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp["meta.json"], out["meta.json"])
+    except OSError as e:  # disk full, a file that went away, ...
+        raise UserError(f"preparing {cfg.data_dir} failed ({e}); check the free space and permissions") from None
+    finally:
+        for path in tmp.values():
+            remove(path)
+    for split in ("train", "val"):
+        c = meta[split]
+        print(f"{split}: {c['stories']:,} stories, {c['tokens']:,} tokens ({c['bytes'] / c['tokens']:.2f} bytes/token)"
+              f" -> {out[split + '.bin']}")
+    return meta
+
+
+def check_tokenizer(cfg):
+    """The vocabulary size the tokenizer will have and the dtype that holds it, checked before any work is done."""
+    if cfg.tokenizer == "gpt2":
+        vocab_size = 50257
+    elif re.fullmatch(r"bpe:\d+", cfg.tokenizer) and int(cfg.tokenizer[4:]) >= 257:
+        vocab_size = int(cfg.tokenizer[4:])
+    else:
+        raise UserError(f"unknown --tokenizer={cfg.tokenizer}: use gpt2 or bpe:N with N >= 257 (256 bytes + "
+                        "end-of-text), for example bpe:4096")
+    fits16 = vocab_size <= 65535
+    if cfg.dtype not in ("auto", "uint16", "uint32"):
+        raise UserError(f"unknown --dtype={cfg.dtype}: use auto, uint16 or uint32")
+    if cfg.dtype == "uint16" and not fits16:
+        raise UserError(f"a vocabulary of {vocab_size:,} tokens is too big for --dtype=uint16 (ids up to 65,535): "
+                        "use --dtype=uint32 or auto")
+    return vocab_size, "uint16" if cfg.dtype == "auto" and fits16 else cfg.dtype.replace("auto", "uint32")
+
+
+def find_files(patterns, flag):
+    files = []
+    for pattern in filter(None, (p.strip() for p in patterns.split(","))):
+        found = sorted(f for f in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(f))
+        if not found:
+            raise UserError(f"--{flag}: no file matches {pattern!r}; check the path (globs like 'dir/*.txt' work)")
+        for f in found:
+            if os.path.splitext(f)[1].lower() not in BUILDERS:
+                raise UserError(f"--{flag}: cannot read {f}: use .txt, .parquet, .json or .jsonl files")
+        files += found
+    return files
+
+
+def fingerprint(files):
+    return [{"path": os.path.abspath(f), "bytes": os.path.getsize(f), "mtime_ns": os.stat(f).st_mtime_ns}
+            for f in files]
+
+
+def read_meta_if_complete(data_dir, settings):
+    """meta.json if it was written with these settings and its files are all there at the right size, else None."""
+    try:
+        with open(os.path.join(data_dir, "meta.json")) as f:
+            meta = json.load(f)
+        itemsize = {"uint16": 2, "uint32": 4}[meta["dtype"]]
+        complete = meta["settings"] == settings and all(
+            os.path.getsize(os.path.join(data_dir, meta[s]["file"])) == meta[s]["tokens"] * itemsize
+            for s in ("train", "val"))
+        if meta["tokenizer_file"]:
+            complete = complete and os.path.isfile(os.path.join(data_dir, meta["tokenizer_file"]))
+        return meta if complete else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def remove(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def load_sources(cfg, train_files, val_files):
+    """
+    Lists of (name, Dataset, text column, is .txt) for the train and val splits, all through datasets.load_dataset:
+    a hub dataset by name, local files one by one (so a story never runs on from one .txt file into the next). val is
+    None when the source has no validation split: then val_fraction of the training stories is held out. Also returns
+    a description of the source for meta.json.
+    """
+    import datasets
+
+    cache_dir = cfg.cache_dir or None
+    try:
+        if train_files:
+            def load(path):
+                builder = BUILDERS[os.path.splitext(path)[1].lower()]
+                # .txt: a row per line, line breaks kept, and read_stories puts the stories together
+                options = {"keep_linebreaks": True} if builder == "text" else {}
+                ds = datasets.load_dataset(builder, data_files=[path], split="train", cache_dir=cache_dir, **options)
+                return path, ds, "text" if builder == "text" else cfg.text_column, builder == "text"
+
+            # (datasets cannot load an empty file: leave it out, and a split of only empty files is empty)
+            train = [load(f) for f in train_files if os.path.getsize(f)]
+            val = [load(f) for f in val_files if os.path.getsize(f)] if val_files else None
+            source = {"train": ", ".join(train_files), "val": ", ".join(val_files)}
+        else:
+            splits = datasets.load_dataset(cfg.dataset, cache_dir=cache_dir)
+            if "train" not in splits:
+                raise UserError(f"dataset {cfg.dataset} has no 'train' split (it has {', '.join(splits)}); "
+                                "use another --dataset or --train_files")
+            val_name = next((s for s in VAL_SPLITS if s in splits), None)
+            train = [(f"{cfg.dataset}[train]", splits["train"], cfg.text_column, False)]
+            val = [(f"{cfg.dataset}[{val_name}]", splits[val_name], cfg.text_column, False)] if val_name else None
+            source = {"dataset": cfg.dataset, "train": "split train", "val": val_name and f"split {val_name}"}
+    except ConnectionError as e:  # offline (HF_HUB_OFFLINE=1, or after datasets' retries), or the hub is down
+        raise UserError(
+            f"cannot reach the Hugging Face hub to load {cfg.dataset} ({str(e).splitlines()[0]}). Offline, give local "
+            "files: --train_files=TinyStories-train.txt --val_files=TinyStories-valid.txt; tiktoken's gpt2 also needs "
+            "its files cached (set TIKTOKEN_CACHE_DIR) or use --tokenizer=bpe:N") from None
+    except datasets.exceptions.DatasetNotFoundError as e:
+        raise UserError(f"{str(e).splitlines()[0]}; check --dataset, or give local files with --train_files") from None
+    except datasets.exceptions.DatasetGenerationError as e:  # a malformed local file
+        cause = str(e.__cause__ or e).splitlines()[0]
+        raise UserError(f"datasets could not read the files ({cause}); check that they are valid") from None
+    for name, ds, column, _ in train + (val or []):
+        if column not in ds.column_names:
+            raise UserError(f"{name} has no column {cfg.text_column!r} (it has {', '.join(ds.column_names)}); "
+                            "name the story column with --text_column=NAME")
+    if val is None:
+        source["val"] = f"{cfg.val_fraction} of the training stories held out (seed {cfg.seed})"
+    return train, val, source
+
+
+def read_stories(ds, column, is_txt, chunk_bytes):
+    """
+    Yield (stories, bytes read) a chunk at a time. This reads the Arrow files datasets made as a stream instead of
+    through Dataset's memory map, whose touched pages would count as resident memory and grow with the corpus.
+    """
+    import pyarrow as pa
+
+    def row_chunks():
+        rows, size = [], 0
+        for cache_file in ds.cache_files:
+            with pa.OSFile(cache_file["filename"]) as f:
+                for batch in pa.ipc.open_stream(f):
+                    column_ = batch.column(column)
+                    step = max(1, int(len(column_) * chunk_bytes / max(column_.nbytes, 1)))
+                    for start in range(0, len(column_), step):  # Arrow batches can be bigger than a chunk
+                        piece = column_.slice(start, step)
+                        rows += piece.to_pylist()
+                        size += piece.nbytes
+                        if size >= chunk_bytes:
+                            yield rows, size
+                            rows, size = [], 0
+        yield rows, size
+
+    def keep(stories):  # a story with nothing in it is not a story
+        return [s for s in stories if s and not s.isspace()]
+
+    if not is_txt:
+        for rows, size in row_chunks():
+            yield keep(rows), size
+        return
+    # .txt rows are lines with their line breaks: join a chunk's lines, split them into stories, and carry the
+    # unfinished last story into the next chunk.
+    separator, carry = None, ""
+    for lines, size in row_chunks():
+        text = carry + "".join(lines)
+        separator = separator or (EOT_LINE if EOT_LINE.search(text) else BLANK_LINES)
+        *stories, carry = separator.split(text)
+        yield keep([s.strip("\n") for s in stories]), size
+    yield keep([carry.strip("\n")]), 0
+
+
+def progress_bar(sources, cfg, desc):
+    """A tqdm bar over the bytes of text in the sources (to stderr), with an ETA."""
+    from tqdm import tqdm
+
+    total = sum(ds.data.column(column).nbytes for _, ds, column, _ in sources)
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, mininterval=1, file=sys.stderr)
+
+
+def story_chunks(train, val, cfg, bar):
+    """
+    Yield (train stories, val stories) a chunk at a time: the training sources, holding out val_fraction of their
+    stories (a seeded draw per story, the same on every run) when val is None, then the val sources.
+    """
+    rng = random.Random(cfg.seed)
+    for split, sources in (("train", train), ("val", val or [])):
+        for _, ds, column, is_txt in sources:
+            for stories, size in read_stories(ds, column, is_txt, int(cfg.chunk_mb * 1e6)):
+                bar.update(size)
+                if split == "val":
+                    yield [], stories
+                elif val is not None:
+                    yield stories, []
+                else:
+                    held_out = [rng.random() < cfg.val_fraction for _ in stories]
+                    yield [s for s, h in zip(stories, held_out) if not h], [s for s, h in zip(stories, held_out) if h]
+
+
+def train_bpe(vocab_size, texts, path):
+    """Train a byte-level BPE of vocab_size tokens (end-of-text included) on an iterator of story lists; save it."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = HFTokenizer(models.BPE())
+    # GPT-2's split into words, over bytes, and all 256 bytes in the vocabulary from the start, so any UTF-8 text
+    # encodes and decodes back exactly, even characters the training text never had.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT_TEXT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.save(path)
+
+
+def write_tokens(chunks, tokenizer, dtype, train_path, val_path, workers, bar):
+    """
+    Encode the (train, val) story chunks on `workers` threads (tiktoken and tokenizers release the GIL while they
+    work) and append the ids to the two files in order. At most workers + 1 chunks are in flight, so memory stays flat.
+    """
+    import collections
+    from concurrent.futures import ThreadPoolExecutor
+
+    counts = {split: {"tokens": 0, "stories": 0, "bytes": 0} for split in ("train", "val")}
+
+    def encode(stories):
+        return tokenizer.encode_stories(stories).astype(dtype), len(stories), len("".join(stories).encode())
+
+    def write_oldest():
+        for split, future in pending.popleft().items():
+            ids, stories, nbytes = future.result()
+            files[split].write(memoryview(ids))
+            c = counts[split]
+            c["tokens"], c["stories"], c["bytes"] = c["tokens"] + len(ids), c["stories"] + stories, c["bytes"] + nbytes
+        elapsed = time.time() - start
+        bar.set_postfix_str(f"{(counts['train']['stories'] + counts['val']['stories']) / elapsed:,.0f} stories/s, "
+                               f"{(counts['train']['tokens'] + counts['val']['tokens']) / elapsed / 1e6:.2f}M tokens/s",
+                               refresh=False)
+
+    start, pending = time.time(), collections.deque()
+    with open(train_path, "wb") as train_file, open(val_path, "wb") as val_file, ThreadPoolExecutor(workers) as pool:
+        files = {"train": train_file, "val": val_file}
+        for train_stories, val_stories in chunks:
+            pending.append({"train": pool.submit(encode, train_stories), "val": pool.submit(encode, val_stories)})
+            if len(pending) > workers:
+                write_oldest()
+        while pending:
+            write_oldest()
+        for f in files.values():
+            f.flush()
+            os.fsync(f.fileno())
+    return counts
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,370 @@
+"""prepare.py on tiny corpora made here: token-exact output for every format, meta.json, re-runs, crashes, errors."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tiktoken
+
+import prepare
+from prepare import EOT_TEXT, UserError, load_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENC = tiktoken.get_encoding("gpt2")
+
+# Stories that try the edges: literal end-of-text text (mid-line and at the start of a line), non-ASCII, Windows line
+# ends, tabs, runs of spaces, leading and trailing spaces. None holds a blank line or a line that is only <|endoftext|>,
+# the two things that separate stories in .txt files.
+STORIES = [
+    "Once upon a time, there was a little cat named Tom.\nTom liked to play in the sun.",
+    "Lily saw a sign that said <|endoftext|> and laughed.\n<|endoftext|> is only text here.",
+    "Café, naïve, 世界, 🌍🚀 and “curly quotes” with ‘apostrophes’ — done.",
+    "Windows line\r\nends\r\nare here.",
+    "Tabs\tand   runs   of spaces,  ",
+    "  A story that starts with spaces.",
+    "The end.",
+]
+TXT_STORIES = [s.replace("\r\n", "\n") for s in STORIES]  # what .txt files give back (they are read as text)
+
+
+def gpt2_ids(stories):
+    return np.array([t for s in stories for t in ENC.encode_ordinary(s) + [ENC.eot_token]], dtype=np.uint16)
+
+
+def run(tmp_path, *flags, out="out"):
+    return prepare.main([f"--data_dir={tmp_path / out}", f"--cache_dir={tmp_path / 'hf-cache'}", *flags])
+
+
+def tokens(data_dir, split):
+    with open(os.path.join(data_dir, "meta.json")) as f:
+        meta = json.load(f)
+    return np.fromfile(os.path.join(data_dir, meta[split]["file"]), dtype=meta["dtype"])
+
+
+def write_official_txt(path, stories, newline="\n"):
+    with open(path, "w", encoding="utf-8", newline=newline) as f:
+        f.write("".join(s.replace("\r\n", "\n") + "\n<|endoftext|>\n" for s in stories))
+
+
+def write_blank_line_txt(path, stories):
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write("\n\n".join(stories) + "\n")
+
+
+def write_column_file(path, stories, column="text"):
+    if path.suffix == ".parquet":
+        pq.write_table(pa.table({column: stories}), path)
+    elif path.suffix == ".json":
+        path.write_text(json.dumps([{column: s} for s in stories]), encoding="utf-8")
+    else:
+        path.write_text("".join(json.dumps({column: s}) + "\n" for s in stories), encoding="utf-8")
+
+
+# -----------------------------------------------------------------------------
+# token-exact output
+
+
+@pytest.mark.parametrize("kind", ["official.txt", "official-crlf.txt", "blank-lines.txt", "parquet", "json", "jsonl"])
+def test_token_exact_for_every_format(tmp_path, kind):
+    train, val = STORIES, ["A short val story.", "Another one, with ünïcödé and <|endoftext|>."]
+    if kind.endswith(".txt"):
+        files = tmp_path / "train.txt", tmp_path / "val.txt"
+        for path, stories in zip(files, (train, val)):
+            if kind == "blank-lines.txt":
+                write_blank_line_txt(path, stories)
+            else:
+                write_official_txt(path, stories, newline="\r\n" if "crlf" in kind else "\n")
+        # .txt files are read as text: '\r\n' becomes '\n' (documented in prepare.py); nothing else changes.
+        train = TXT_STORIES
+    else:
+        files = tmp_path / f"train.{kind}", tmp_path / f"val.{kind}"
+        for path, stories in zip(files, (train, val)):
+            write_column_file(path, stories)
+    meta = run(tmp_path, f"--train_files={files[0]}", f"--val_files={files[1]}")
+    out = tmp_path / "out"
+    assert np.array_equal(tokens(out, "train"), gpt2_ids(train))
+    assert np.array_equal(tokens(out, "val"), gpt2_ids(val))
+    with open(out / "meta.json") as f:
+        assert json.load(f) == meta
+    assert meta["tokenizer"] == "gpt2" and meta["tokenizer_file"] is None and not (out / "tokenizer.json").exists()
+    assert (meta["vocab_size"], meta["eot_token"], meta["dtype"]) == (50257, 50256, "uint16")
+    for split, stories in (("train", train), ("val", val)):
+        assert meta[split] == {"file": f"{split}.bin", "tokens": len(gpt2_ids(stories)), "stories": len(stories),
+                               "bytes": sum(len(s.encode("utf-8")) for s in stories)}
+    assert meta["settings"]["train_files"][0]["path"] == str(files[0])
+    assert meta["source"] == {"train": str(files[0]), "val": str(files[1])}
+
+
+def test_column_formats_keep_text_exactly_and_skip_empty_rows(tmp_path):
+    stories = ["\nA row may start with a line break,", "end with one\n", "", "   ", "keep a lone \r and \r\n too\r\n"]
+    write_column_file(tmp_path / "train.jsonl", stories)
+    write_column_file(tmp_path / "val.jsonl", ["v"])
+    meta = run(tmp_path, f"--train_files={tmp_path / 'train.jsonl'}", f"--val_files={tmp_path / 'val.jsonl'}")
+    kept = [s for s in stories if s.strip()]
+    assert np.array_equal(tokens(tmp_path / "out", "train"), gpt2_ids(kept))
+    assert meta["train"]["stories"] == 3
+
+
+def test_txt_stories_split_across_chunks_files_and_threads(tmp_path):
+    # Many lines and tiny chunks: stories run across chunk boundaries and are carried over; several threads encode at
+    # once and the ids still come out in order. The first file does not end in a line break and the next story must
+    # not run into it.
+    rng = random.Random(0)
+    stories = [f"Story {i}.\n" + "\n".join(f"Line {j}, {'la ' * rng.randrange(9)}" for j in range(rng.randrange(1, 8)))
+               for i in range(900)]
+    (tmp_path / "a.txt").write_text("\n<|endoftext|>\n".join(stories[:500]))  # official, no final separator
+    write_blank_line_txt(tmp_path / "b.txt", stories[500:])
+    write_official_txt(tmp_path / "val.txt", ["v1", "v2"])
+    run(tmp_path, f"--train_files={tmp_path / 'a.txt'},{tmp_path / 'b.txt'}", f"--val_files={tmp_path / 'val.txt'}",
+        "--chunk_mb=0.001", "--num_workers=3")
+    assert np.array_equal(tokens(tmp_path / "out", "train"), gpt2_ids(stories))
+
+
+def test_held_out_val_is_deterministic_and_partitions_the_stories(tmp_path):
+    stories = [f"Story number {i}." for i in range(400)]
+    write_official_txt(tmp_path / "all.txt", stories)
+    meta = run(tmp_path, f"--train_files={tmp_path / 'all.txt'}", "--val_fraction=0.1")
+    ids = {split: tokens(tmp_path / "out", split) for split in ("train", "val")}
+    # Decode story by story: together the two splits hold every story once, each in the original order.
+    split_stories = {s: ENC.decode(ids[s].tolist()).split(EOT_TEXT)[:-1] for s in ids}
+    assert sorted(split_stories["train"] + split_stories["val"], key=stories.index) == stories
+    assert split_stories["train"] == [s for s in stories if s in set(split_stories["train"])]
+    assert 20 <= meta["val"]["stories"] <= 60 and meta["train"]["stories"] + meta["val"]["stories"] == 400
+    assert meta["source"]["val"] == "0.1 of the training stories held out (seed 1337)"
+    run(tmp_path, f"--train_files={tmp_path / 'all.txt'}", "--val_fraction=0.1", "--chunk_mb=0.0001", out="again")
+    assert np.array_equal(tokens(tmp_path / "again", "val"), ids["val"])  # the same stories, however it is chunked
+    run(tmp_path, f"--train_files={tmp_path / 'all.txt'}", "--val_fraction=0.1", "--seed=7", out="other-seed")
+    assert not np.array_equal(tokens(tmp_path / "other-seed", "val"), ids["val"])
+
+
+def test_hub_code_path_offline_on_a_local_dataset_folder(tmp_path):
+    # load_dataset(name) with a folder for a name: the same call as for the hub, with no network.
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    write_column_file(hub / "train.jsonl", STORIES, column="story")
+    write_column_file(hub / "validation.jsonl", ["Val story."], column="story")
+    meta = run(tmp_path, f"--dataset={hub}", "--text_column=story")
+    assert np.array_equal(tokens(tmp_path / "out", "train"), gpt2_ids(STORIES))
+    assert np.array_equal(tokens(tmp_path / "out", "val"), gpt2_ids(["Val story."]))
+    assert meta["source"] == {"dataset": str(hub), "train": "split train", "val": "split validation"}
+    assert meta["settings"]["dataset"] == str(hub)
+    # Without a validation split, val_fraction of train is held out.
+    (hub / "validation.jsonl").unlink()
+    write_column_file(hub / "train.jsonl", [f"Story {i}." for i in range(300)], column="story")
+    meta = run(tmp_path, f"--dataset={hub}", "--text_column=story", "--val_fraction=0.05", out="holdout")
+    assert meta["train"]["stories"] + meta["val"]["stories"] == 300 and meta["val"]["stories"] > 0
+
+
+# -----------------------------------------------------------------------------
+# re-runs and crashes
+
+
+def prepare_small(tmp_path, *flags):
+    write_official_txt(tmp_path / "train.txt", STORIES)
+    write_official_txt(tmp_path / "val.txt", ["Val story."])
+    return run(tmp_path, f"--train_files={tmp_path / 'train.txt'}", f"--val_files={tmp_path / 'val.txt'}", *flags)
+
+
+def test_rerun_with_same_settings_reads_nothing(tmp_path, monkeypatch, capsys):
+    prepare_small(tmp_path)
+    flags = [f"--train_files={tmp_path / 'train.txt'}", f"--val_files={tmp_path / 'val.txt'}"]
+    out = tmp_path / "out"
+    stamps = {p: os.stat(out / p).st_mtime_ns for p in ("train.bin", "val.bin", "meta.json")}
+    calls = []
+    real_load = prepare.load_sources
+    monkeypatch.setattr(prepare, "load_sources", lambda *a: calls.append(a) or real_load(*a))
+    start = time.perf_counter()
+    run(tmp_path, *flags)
+    assert time.perf_counter() - start < 1 and calls == []
+    assert "is up to date" in capsys.readouterr().out
+    assert {p: os.stat(out / p).st_mtime_ns for p in stamps} == stamps
+    # --force, another setting, a changed input or a damaged output: each rebuilds.
+    run(tmp_path, *flags, "--force=True")
+    assert len(calls) == 1
+    meta = run(tmp_path, *flags, "--dtype=uint32")
+    assert len(calls) == 2 and meta["dtype"] == "uint32"
+    assert np.array_equal(tokens(out, "train"), gpt2_ids(TXT_STORIES))
+    write_official_txt(tmp_path / "train.txt", STORIES + ["One more."])
+    meta = run(tmp_path, *flags, "--dtype=uint32")
+    assert len(calls) == 3 and meta["train"]["stories"] == len(STORIES) + 1
+    with open(out / "val.bin", "r+b") as f:
+        f.truncate(2)
+    run(tmp_path, *flags, "--dtype=uint32")
+    assert len(calls) == 4 and np.array_equal(tokens(out, "val"), gpt2_ids(["Val story."]))
+
+
+def snapshot(data_dir):
+    return {p: (data_dir / p).read_bytes() for p in sorted(os.listdir(data_dir))}
+
+
+@pytest.mark.parametrize("fault", [KeyboardInterrupt(), OSError(28, "No space left on device")])
+def test_crash_while_encoding_keeps_the_old_output(tmp_path, monkeypatch, fault):
+    write_official_txt(tmp_path / "train.txt", [f"Story {i} " + "la " * 300 for i in range(300)])
+    flags = [f"--train_files={tmp_path / 'train.txt'}", "--val_fraction=0.1", "--chunk_mb=0.01"]
+    run(tmp_path, *flags)
+    before = snapshot(tmp_path / "out")
+    calls = []
+    real = prepare.Tokenizer.encode_stories
+
+    def failing(self, stories):  # fails after a few chunks have been written to the temporary files
+        calls.append(1)
+        if len(calls) == 12:
+            raise fault
+        return real(self, stories)
+
+    monkeypatch.setattr(prepare.Tokenizer, "encode_stories", failing)
+    with pytest.raises(type(fault) if isinstance(fault, KeyboardInterrupt) else UserError) as e:
+        run(tmp_path, *flags, "--seed=2")
+    if isinstance(fault, OSError):
+        assert "No space left on device" in str(e.value)
+    assert len(calls) > 12
+    assert snapshot(tmp_path / "out") == before  # untouched, and no .tmp file left behind
+
+
+def test_crash_while_swapping_files_leaves_no_meta(tmp_path, monkeypatch):
+    prepare_small(tmp_path)
+    real_replace, calls = os.replace, []
+
+    def replace_then_die(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # train.bin is new, val.bin still old
+            raise OSError(5, "Input/output error")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_then_die)
+    with pytest.raises(UserError, match="Input/output error"):
+        prepare_small(tmp_path, "--seed=2", "--force=True")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert sorted(os.listdir(tmp_path / "out")) == ["train.bin", "val.bin"]  # no meta.json: nothing is trusted
+    assert prepare_small(tmp_path)["train"]["stories"] == len(STORIES)  # and the next run rebuilds
+
+
+def test_kill_9_mid_write_leaves_no_trusted_mismatch(tmp_path):
+    corpus = tmp_path / "train.txt"
+    write_official_txt(corpus, [f"Story {i}: " + "the cat sat on the mat. " * 40 for i in range(5000)])
+    base = [sys.executable, os.path.join(ROOT, "prepare.py"), f"--train_files={corpus}", "--val_fraction=0.01",
+            f"--data_dir={tmp_path / 'out'}", f"--cache_dir={tmp_path / 'hf-cache'}", "--chunk_mb=0.002"]
+    subprocess.run(base, check=True, capture_output=True)
+    old = snapshot(tmp_path / "out")
+    proc = subprocess.Popen(base + ["--seed=2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tmp_bin = tmp_path / "out" / "train.bin.tmp"
+    deadline = time.time() + 60
+    while proc.poll() is None and time.time() < deadline and not (tmp_bin.exists() and tmp_bin.stat().st_size > 0):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    files = snapshot(tmp_path / "out")
+    meta = json.loads(files["meta.json"]) if "meta.json" in files else None
+    if meta is not None and meta["settings"]["seed"] == 1337:  # killed before the swap: the old output, whole
+        assert {p: files[p] for p in old} == old
+    elif meta is not None:  # (only if the kill came too late) the new output, whole
+        assert len(files["train.bin"]) == 2 * meta["train"]["tokens"]
+    subprocess.run(base + ["--seed=2"], check=True, capture_output=True)
+    assert not [p for p in os.listdir(tmp_path / "out") if p.endswith(".tmp")]
+
+
+# -----------------------------------------------------------------------------
+# bpe:N
+
+
+def test_bpe_trains_saves_and_round_trips_any_text(tmp_path):
+    write_official_txt(tmp_path / "train.txt", STORIES * 20)
+    write_official_txt(tmp_path / "val.txt", ["A val story about Tom."])
+    meta = run(tmp_path, f"--train_files={tmp_path / 'train.txt'}", f"--val_files={tmp_path / 'val.txt'}",
+               "--tokenizer=bpe:400")
+    out = tmp_path / "out"
+    assert meta["tokenizer"] == "bpe:400" and meta["tokenizer_file"] == "tokenizer.json" and meta["dtype"] == "uint16"
+    assert 257 < meta["vocab_size"] <= 400
+    assert json.loads((out / "tokenizer.json").read_text())["model"]["type"] == "BPE"
+    tok = load_tokenizer(meta, str(out))
+    assert tok.eot_token == meta["eot_token"] and tok.vocab_size == meta["vocab_size"]
+    # train.bin is each story's ids and the end-of-text id, and decodes back to the stories (with \n line ends)
+    ids = tokens(out, "train").tolist()
+    expected = [t for s in TXT_STORIES * 20 for t in tok.encode(s) + [tok.eot_token]]
+    assert ids == expected and ids.count(tok.eot_token) == len(STORIES) * 20
+    assert tok.decode(ids) == "".join(s + EOT_TEXT for s in TXT_STORIES * 20)
+    # decode(encode(text)) == text for any UTF-8, including characters the training text never had
+    rng = random.Random(0)
+    alphabet = "ab \t\r\n<|>" + "éü世界🌍🚀\u0301\u200b\x00\x7f"
+    texts = ["", "\r\n\r\n", "   ", EOT_TEXT, f"x{EOT_TEXT}y", "日本語のテキスト", "🧪🧬 emoji", "\ufeffBOM"]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randrange(40))) for _ in range(200)]
+    texts += ["".join(chr(rng.choice([rng.randrange(32, 0xD800), rng.randrange(0xE000, 0x110000)]))
+                      for _ in range(rng.randrange(30))) for _ in range(200)]
+    for text in texts:
+        assert tok.decode(tok.encode(text)) == text
+        assert tok.eot_token not in tok.encode(text)  # literal end-of-text text is never the special token
+
+
+# -----------------------------------------------------------------------------
+# errors: one line each, naming the problem and the fix
+
+
+def error_of(tmp_path, *flags):
+    with pytest.raises(UserError) as e:
+        run(tmp_path, *flags)
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+def test_errors_for_bad_files_columns_and_splits(tmp_path):
+    assert "--train_files: no file matches" in error_of(tmp_path, f"--train_files={tmp_path / 'missing.txt'}")
+    assert "no file matches" in error_of(tmp_path, f"--train_files={tmp_path / '*.parquet'}")
+    (tmp_path / "data.csv").write_text("text\nhello\n")
+    assert "use .txt, .parquet, .json or .jsonl" in error_of(tmp_path, f"--train_files={tmp_path / 'data.csv'}")
+    assert "--val_files needs --train_files" in error_of(tmp_path, f"--val_files={tmp_path / 'data.csv'}")
+    write_column_file(tmp_path / "stories.parquet", STORIES, column="story")
+    message = error_of(tmp_path, f"--train_files={tmp_path / 'stories.parquet'}")
+    assert "has no column 'text' (it has story)" in message and "--text_column=NAME" in message
+    (tmp_path / "empty.txt").write_text("")
+    write_official_txt(tmp_path / "val.txt", ["v"])
+    message = error_of(tmp_path, f"--train_files={tmp_path / 'empty.txt'}", f"--val_files={tmp_path / 'val.txt'}")
+    assert message.startswith("the train split is empty (no stories in ") and "--train_files" in message
+    write_official_txt(tmp_path / "train.txt", STORIES)
+    message = error_of(tmp_path, f"--train_files={tmp_path / 'train.txt'}", "--val_fraction=0")
+    assert message.startswith("the val split is empty") and "raise --val_fraction" in message
+    assert not (tmp_path / "out" / "meta.json").exists() and not os.listdir(tmp_path / "out")
+
+
+def test_errors_for_settings_output_and_hub(tmp_path):
+    assert "unknown --tokenizer=bpe:100" in error_of(tmp_path, "--tokenizer=bpe:100")
+    message = error_of(tmp_path, "--tokenizer=bpe:70000", "--dtype=uint16")
+    assert message == ("a vocabulary of 70,000 tokens is too big for --dtype=uint16 (ids up to 65,535): use "
+                       "--dtype=uint32 or auto")
+    (tmp_path / "a-file").write_text("")
+    message = error_of(tmp_path, f"--data_dir={tmp_path / 'a-file' / 'data'}")
+    assert message.startswith(f"cannot write to --data_dir={tmp_path / 'a-file' / 'data'} (Not a directory)")
+    if os.geteuid() != 0:  # root may write anywhere
+        (tmp_path / "read-only").mkdir(mode=0o555)
+        assert "(Permission denied)" in error_of(tmp_path, f"--data_dir={tmp_path / 'read-only'}")
+    # conftest sets HF_HUB_OFFLINE=1: datasets raises ConnectionError at once, as it does (after retries) offline
+    message = error_of(tmp_path, "--dataset=roneneldan/TinyStories")
+    assert message.startswith("cannot reach the Hugging Face hub to load roneneldan/TinyStories")
+    assert "--train_files=TinyStories-train.txt --val_files=TinyStories-valid.txt" in message
+    assert "TIKTOKEN_CACHE_DIR" in message
+
+
+def test_error_from_the_command_line_is_one_line_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "prepare.py", f"--train_files={tmp_path / 'nope.txt'}",
+                             f"--data_dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"prepare.py: error: --train_files: no file matches '{tmp_path / 'nope.txt'}'; check the path (globs like "
+        "'dir/*.txt' work)"]
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_help_lists_every_setting():
+    result = subprocess.run([sys.executable, "prepare.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0
+    for name in ("dataset", "train_files", "val_fraction", "tokenizer", "data_dir", "force", "num_workers"):
+        assert f"--{name}=" in result.stdout
+    assert "bpe:N" in result.stdout
