@@ -1,0 +1,31 @@
+"""
+A model that learns to tell simple stories on a laptop CPU (2 cores) in about 15 minutes.
+
+    python prepare.py --tokenizer=bpe:4096 --data_dir=data/tinystories-bpe4096
+    python train.py configs/tinystories_cpu.py
+    python sample.py --out_dir=out-cpu --prompt "Once upon a time"
+
+A 4,096-token vocabulary instead of GPT-2's 50,257: with GPT-2 tokens the LM head alone would be 87% of a model
+this size's compute.
+"""
+out_dir = "out-cpu"
+data_dir = "data/tinystories-bpe4096"
+device = "cpu"
+compile = "False"
+eval_interval = 250
+eval_iters = 20
+log_interval = 25
+
+n_layer = 4
+n_head = 4
+n_embd = 192
+block_size = 256
+dropout = 0.0
+
+batch_size = 16
+gradient_accumulation_steps = 2
+learning_rate = 2e-3
+min_lr = 2e-4
+warmup_iters = 100
+max_iters = 1500
+beta2 = 0.99
