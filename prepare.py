@@ -297,10 +297,10 @@ def main(argv=None):
     try:
         if tokenizer is None:
             no_val = None if val is None else []  # the training stories only: the same ones held out, no val source
-            with progress_bar(train, cfg, "training BPE") as bar:
+            with progress_bar(train, "training BPE") as bar:
                 train_bpe(vocab_size, (t for t, _ in story_chunks(train, no_val, cfg, bar)), tmp["tokenizer.json"])
             tokenizer = Tokenizer(cfg.tokenizer, tmp["tokenizer.json"])
-        with progress_bar(train + (val or []), cfg, "tokenizing") as bar:
+        with progress_bar(train + (val or []), "tokenizing") as bar:
             counts = write_tokens(story_chunks(train, val, cfg, bar), tokenizer, dtype, tmp["train.bin"],
                                   tmp["val.bin"], cfg.num_workers or len(os.sched_getaffinity(0)), bar)
         for split, c in counts.items():
@@ -397,35 +397,53 @@ def remove(path):
 
 def load_sources(cfg, train_files, val_files):
     """
-    Lists of (name, Dataset, text column, is .txt) for the train and val splits, all through datasets.load_dataset:
-    a hub dataset by name, local files one by one (so a story never runs on from one .txt file into the next). val is
-    None when the source has no validation split: then val_fraction of the training stories is held out. Also returns
-    a description of the source for meta.json.
+    The train and val sources, as lists of (Arrow files, rows, text column, is .txt), all through datasets: its
+    builder for a hub dataset by name, or for local files one at a time (so a story never runs on from one .txt file
+    into the next), downloads or parses them once into Arrow files in its cache. (load_dataset would then memory-map
+    them: the pages that touches count as resident memory, which then grows with the corpus. read_stories reads them
+    as a stream instead.) val is None when the source has no validation split: then val_fraction of the training
+    stories is held out. Also returns a description of the source for meta.json.
     """
     import datasets
+    from datasets.naming import filenames_for_dataset_split
 
-    cache_dir = cfg.cache_dir or None
+    def prepare_splits(path, name, column, **options):
+        builder = datasets.load_dataset_builder(path, cache_dir=cfg.cache_dir or None, **options)
+        if hasattr(builder.config, "fragment_scan_options"):
+            # parquet: Arrow's pre-buffering kept read buffers alive, and memory grew with the file (+170 MB at 500 MB)
+            from pyarrow.dataset import ParquetFragmentScanOptions
+
+            builder.config.fragment_scan_options = ParquetFragmentScanOptions(pre_buffer=False)
+        builder.download_and_prepare()
+        if column not in builder.info.features:
+            raise UserError(f"{name} has no column {column!r} (it has {', '.join(builder.info.features)}); "
+                            "name the story column with --text_column=NAME")
+        splits = {}
+        for split, info in builder.info.splits.items():
+            files = filenames_for_dataset_split(builder.cache_dir, builder.dataset_name, split, "arrow",
+                                                info.shard_lengths)
+            splits[split] = (files, info.num_examples, column, path == "text")
+        return splits
+
+    def prepare_file(path):
+        builder = BUILDERS[os.path.splitext(path)[1].lower()]
+        if builder == "text":  # a row per line, line breaks kept: read_stories puts the stories together
+            return prepare_splits("text", path, "text", data_files=[path], keep_linebreaks=True)["train"]
+        return prepare_splits(builder, path, cfg.text_column, data_files=[path])["train"]
+
     try:
         if train_files:
-            def load(path):
-                builder = BUILDERS[os.path.splitext(path)[1].lower()]
-                # .txt: a row per line, line breaks kept, and read_stories puts the stories together
-                options = {"keep_linebreaks": True} if builder == "text" else {}
-                ds = datasets.load_dataset(builder, data_files=[path], split="train", cache_dir=cache_dir, **options)
-                return path, ds, "text" if builder == "text" else cfg.text_column, builder == "text"
-
-            # (datasets cannot load an empty file: leave it out, and a split of only empty files is empty)
-            train = [load(f) for f in train_files if os.path.getsize(f)]
-            val = [load(f) for f in val_files if os.path.getsize(f)] if val_files else None
+            # (datasets cannot read an empty file: leave it out, and a split of only empty files is empty)
+            train = [prepare_file(f) for f in train_files if os.path.getsize(f)]
+            val = [prepare_file(f) for f in val_files if os.path.getsize(f)] if val_files else None
             source = {"train": ", ".join(train_files), "val": ", ".join(val_files)}
         else:
-            splits = datasets.load_dataset(cfg.dataset, cache_dir=cache_dir)
+            splits = prepare_splits(cfg.dataset, cfg.dataset, cfg.text_column)
             if "train" not in splits:
                 raise UserError(f"dataset {cfg.dataset} has no 'train' split (it has {', '.join(splits)}); "
                                 "use another --dataset or --train_files")
             val_name = next((s for s in VAL_SPLITS if s in splits), None)
-            train = [(f"{cfg.dataset}[train]", splits["train"], cfg.text_column, False)]
-            val = [(f"{cfg.dataset}[{val_name}]", splits[val_name], cfg.text_column, False)] if val_name else None
+            train, val = [splits["train"]], [splits[val_name]] if val_name else None
             source = {"dataset": cfg.dataset, "train": "split train", "val": val_name and f"split {val_name}"}
     except ConnectionError as e:  # offline (HF_HUB_OFFLINE=1, or after datasets' retries), or the hub is down
         raise UserError(
@@ -437,62 +455,56 @@ def load_sources(cfg, train_files, val_files):
     except datasets.exceptions.DatasetGenerationError as e:  # a malformed local file
         cause = str(e.__cause__ or e).splitlines()[0]
         raise UserError(f"datasets could not read the files ({cause}); check that they are valid") from None
-    for name, ds, column, _ in train + (val or []):
-        if column not in ds.column_names:
-            raise UserError(f"{name} has no column {cfg.text_column!r} (it has {', '.join(ds.column_names)}); "
-                            "name the story column with --text_column=NAME")
     if val is None:
         source["val"] = f"{cfg.val_fraction} of the training stories held out (seed {cfg.seed})"
     return train, val, source
 
 
-def read_stories(ds, column, is_txt, chunk_bytes):
-    """
-    Yield (stories, bytes read) a chunk at a time. This reads the Arrow files datasets made as a stream instead of
-    through Dataset's memory map, whose touched pages would count as resident memory and grow with the corpus.
-    """
+def read_stories(arrow_files, column, is_txt, chunk_bytes, bar):
+    """Yield lists of stories, about chunk_bytes of text at a time, reading the Arrow files record batch by batch."""
     import pyarrow as pa
 
     def row_chunks():
         rows, size = [], 0
-        for cache_file in ds.cache_files:
-            with pa.OSFile(cache_file["filename"]) as f:
+        for path in arrow_files:
+            with pa.OSFile(path) as f:
                 for batch in pa.ipc.open_stream(f):
-                    column_ = batch.column(column)
-                    step = max(1, int(len(column_) * chunk_bytes / max(column_.nbytes, 1)))
-                    for start in range(0, len(column_), step):  # Arrow batches can be bigger than a chunk
-                        piece = column_.slice(start, step)
+                    text = batch.column(column)
+                    step = max(1, int(len(text) * chunk_bytes / max(text.nbytes, 1)))
+                    for start in range(0, len(text), step):  # Arrow batches can be bigger than a chunk
+                        piece = text.slice(start, step)
                         rows += piece.to_pylist()
                         size += piece.nbytes
+                        bar.update(len(piece))
                         if size >= chunk_bytes:
-                            yield rows, size
+                            yield rows
                             rows, size = [], 0
-        yield rows, size
+        yield rows
 
     def keep(stories):  # a story with nothing in it is not a story
         return [s for s in stories if s and not s.isspace()]
 
     if not is_txt:
-        for rows, size in row_chunks():
-            yield keep(rows), size
+        for rows in row_chunks():
+            yield keep(rows)
         return
     # .txt rows are lines with their line breaks: join a chunk's lines, split them into stories, and carry the
     # unfinished last story into the next chunk.
     separator, carry = None, ""
-    for lines, size in row_chunks():
+    for lines in row_chunks():
         text = carry + "".join(lines)
         separator = separator or (EOT_LINE if EOT_LINE.search(text) else BLANK_LINES)
         *stories, carry = separator.split(text)
-        yield keep([s.strip("\n") for s in stories]), size
-    yield keep([carry.strip("\n")]), 0
+        yield keep([s.strip("\n") for s in stories])
+    yield keep([carry.strip("\n")])
 
 
-def progress_bar(sources, cfg, desc):
-    """A tqdm bar over the bytes of text in the sources (to stderr), with an ETA."""
+def progress_bar(sources, desc):
+    """A tqdm bar (to stderr) over the rows of the sources: stories, or lines of .txt files."""
     from tqdm import tqdm
 
-    total = sum(ds.data.column(column).nbytes for _, ds, column, _ in sources)
-    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, mininterval=1, file=sys.stderr)
+    return tqdm(total=sum(rows for _, rows, _, _ in sources), unit="rows", unit_scale=True, desc=desc,
+                mininterval=1, file=sys.stderr)
 
 
 def story_chunks(train, val, cfg, bar):
@@ -502,9 +514,8 @@ def story_chunks(train, val, cfg, bar):
     """
     rng = random.Random(cfg.seed)
     for split, sources in (("train", train), ("val", val or [])):
-        for _, ds, column, is_txt in sources:
-            for stories, size in read_stories(ds, column, is_txt, int(cfg.chunk_mb * 1e6)):
-                bar.update(size)
+        for arrow_files, _, column, is_txt in sources:
+            for stories in read_stories(arrow_files, column, is_txt, int(cfg.chunk_mb * 1e6), bar):
                 if split == "val":
                     yield [], stories
                 elif val is not None:
