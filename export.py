@@ -1,0 +1,290 @@
+"""
+Export a checkpoint to a Hugging Face transformers folder: a GPT2LMHeadModel with the same logits as ours, and a
+tokenizer that gives the same ids as ours.
+
+    python export.py --out_dir=out --hf_dir=out/hf
+
+Then, offline or after uploading the folder to the hub:
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+    model, tok = AutoModelForCausalLM.from_pretrained("out/hf"), AutoTokenizer.from_pretrained("out/hf")
+    print(pipeline("text-generation", model=model, tokenizer=tok)("Once upon a time")[0]["generated_text"])
+
+Our GPT is GPT-2's architecture (learned positions, pre-norm blocks, tanh GELU, LayerNorm eps 1e-5, tied
+embeddings), so the export is a renaming of weights, not a conversion. transformers and safetensors are needed here
+only: train.py and sample.py never import them.
+"""
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from prepare import EOT_TEXT, UserError, load_tokenizer, parse_config, run_main
+from train import bits_per_byte, load_checkpoint
+
+
+@dataclass
+class ExportConfig:
+    out_dir: str = "out"  # the training run's folder: ckpt.pt (and tokenizer.json for bpe:N) are read from here
+    hf_dir: str = ""  # the folder to write; empty means out_dir/hf. A previous export there is replaced
+
+
+def main(argv=None):
+    cfg = parse_config(ExportConfig, argv, __doc__)
+    hf_dir = os.path.abspath(cfg.hf_dir or os.path.join(cfg.out_dir, "hf"))
+    checkpoint = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+    if os.path.exists(hf_dir) and not replaceable(hf_dir):
+        raise UserError(f"--hf_dir={cfg.hf_dir} exists and is not an earlier export; give the export a folder of "
+                        "its own (the default is out_dir/hf)")
+    try:
+        import safetensors  # noqa: F401  (save_pretrained writes model.safetensors with it)
+        import transformers
+    except ImportError as e:
+        raise UserError(f"export needs transformers and safetensors ({e}): pip install transformers safetensors"
+                        ) from None
+    transformers.logging.set_verbosity_error()  # its advice about generation settings is not for our users
+    transformers.logging.disable_progress_bar()  # a bar for writing one small file is noise
+
+    parent = os.path.dirname(hf_dir)
+    try:  # everything goes into a temporary folder beside hf_dir, renamed into place at the end
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(hf_dir)}.tmp-", dir=parent)
+        old = tmp + ".old"
+    except OSError as e:
+        raise UserError(f"cannot write to --hf_dir={cfg.hf_dir} ({e.strerror}); choose a folder you can write to"
+                        ) from None
+    try:
+        model = hf_model(checkpoint)
+        model.save_pretrained(tmp)  # config.json, generation_config.json, model.safetensors
+        save_tokenizer(checkpoint, cfg.out_dir, tmp)
+        with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+            f.write(model_card(checkpoint, cfg.out_dir))
+        umask = os.umask(0)
+        os.umask(umask)
+        for name in os.listdir(tmp):  # mkdtemp and safetensors make owner-only files; an export is for sharing
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        if os.path.exists(hf_dir):  # swap: never a half-written hf_dir
+            os.replace(hf_dir, old)
+        os.replace(tmp, hf_dir)
+    except OSError as e:
+        if os.path.exists(old) and not os.path.exists(hf_dir):
+            os.replace(old, hf_dir)  # the failed swap puts the earlier export back
+        raise UserError(f"writing {cfg.hf_dir} failed ({e}); check the free space and permissions") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    print(f"exported {cfg.out_dir}/ckpt.pt (iter {checkpoint['iter_num']}) to {hf_dir}")
+    return hf_dir
+
+
+def replaceable(path):
+    """The export replaces hf_dir as a whole, so only ever an empty folder or an earlier export: never a training
+    run (--hf_dir=out by mistake), a file or anything else."""
+    if not os.path.isdir(path):
+        return False
+    names = set(os.listdir(path))
+    return not names or ({"config.json", "model.safetensors"} <= names and "ckpt.pt" not in names)
+
+
+# -----------------------------------------------------------------------------
+# model
+
+
+def hf_model(checkpoint):
+    """A transformers GPT2LMHeadModel holding the checkpoint's weights, in fp32."""
+    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
+
+    args, meta = checkpoint["model_args"], checkpoint["meta"]
+    vocab_size, eot = args["vocab_size"], meta["eot_token"]
+    config = GPT2Config(
+        vocab_size=vocab_size, n_positions=args["block_size"], n_embd=args["n_embd"], n_layer=args["n_layer"],
+        n_head=args["n_head"], n_inner=4 * args["n_embd"],
+        activation_function="gelu_new",  # the tanh approximation: nn.GELU(approximate="tanh")
+        layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # dropout is for training only
+        tie_word_embeddings=True, bos_token_id=eot, eos_token_id=eot, architectures=["GPT2LMHeadModel"],
+    )
+    with torch.device("meta"):  # no time spent on a random init that load_state_dict overwrites at once
+        model = GPT2LMHeadModel(config)
+    model.load_state_dict(hf_state_dict(checkpoint["model"], args), strict=True, assign=True)
+    model.tie_weights()
+    model.eval()
+    # Stop at the end-of-text token, which ends every training story. GPT-2 has no padding token: batches pad with
+    # end-of-text (masked out), as is usual for GPT-2. No max_length: transformers warns whenever a caller's
+    # max_new_tokens overrides it, and the model card states the context length instead.
+    model.generation_config = GenerationConfig(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
+    return model
+
+
+def hf_state_dict(ours, args):
+    """Our parameter names and layout -> GPT2LMHeadModel's."""
+    n_embd, vocab_size = args["n_embd"], args["vocab_size"]
+    sd = {}
+    for name, w in ours.items():
+        if name == "lm_head.weight":
+            continue  # tied to wte: transformers re-ties them on load
+        w = w.float()
+        if name == "transformer.wte.weight":
+            w = w[:vocab_size]  # drop the rows that pad the vocabulary to a multiple of 64: never real tokens
+        elif name.endswith(".weight") and w.dim() == 2 and ".h." in name:
+            w = w.t()  # GPT-2 uses Conv1D, which stores Linear weights transposed: (in, out)
+        sd[name] = w.contiguous()
+    if not args["bias"]:  # GPT-2 always has biases: zeros make them no-ops, exactly as bias=False
+        for i in range(args["n_layer"]):
+            p = f"transformer.h.{i}."
+            for name, size in (("ln_1", n_embd), ("ln_2", n_embd), ("attn.c_attn", 3 * n_embd),
+                               ("attn.c_proj", n_embd), ("mlp.c_fc", 4 * n_embd), ("mlp.c_proj", n_embd)):
+                sd[p + name + ".bias"] = torch.zeros(size)
+        sd["transformer.ln_f.bias"] = torch.zeros(n_embd)
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    return sd
+
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+
+def save_tokenizer(checkpoint, out_dir, hf_dir):
+    """
+    tokenizer.json (+ tokenizer_config.json) that transformers' AutoTokenizer loads as a plain TokenizersBackend:
+    the file's pipeline exactly, with nothing added (no BOS, no prefix space, no clean-up of spaces on decode).
+    """
+    meta, block_size = checkpoint["meta"], checkpoint["model_args"]["block_size"]
+    ours = load_tokenizer(meta, out_dir)  # also checks that tiktoken's files or tokenizer.json are there
+    if ours.vocab_size != checkpoint["model_args"]["vocab_size"] or ours.eot_token != meta["eot_token"]:
+        raise UserError(f"the tokenizer in {out_dir} ({ours.vocab_size} tokens) is not the one the model was "
+                        f"trained with ({checkpoint['model_args']['vocab_size']}): re-run train.py")
+    if meta["tokenizer"] == "gpt2":
+        gpt2_tokenizer_from_tiktoken(ours._tiktoken).save(os.path.join(hf_dir, "tokenizer.json"))
+    else:  # already a tokenizers file: the very one the data was encoded with
+        shutil.copyfile(os.path.join(out_dir, meta["tokenizer_file"]), os.path.join(hf_dir, "tokenizer.json"))
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",  # tokenizer.json as it is, not rebuilt by a model's class
+        "bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT, "pad_token": EOT_TEXT,
+        # Our encoders treat '<|endoftext|>' written in text as ordinary text (prepare.py appends the real token
+        # between stories), so the exported tokenizer must too. Registered as a special token, transformers would
+        # otherwise map the text to the token; split_special_tokens makes it split special-token text like any other.
+        "split_special_tokens": True,
+        "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False, "model_max_length": block_size,
+        "padding_side": "left",  # batched generation continues each prompt from its end
+    }
+    with open(os.path.join(hf_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(tokenizer_config, f, indent=2)
+
+
+def bytes_to_unicode():
+    """GPT-2's map from the 256 byte values to printable characters: byte-level BPE vocabularies are written in it."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {b: chr(b) for b in printable}
+    for b in range(256):
+        if b not in mapping:  # control bytes, space, ...: shifted past 255 in order
+            mapping[b] = chr(256 + len(mapping) - len(printable))
+    return mapping
+
+
+def gpt2_tokenizer_from_tiktoken(enc):
+    """
+    A tokenizers BPE equal to tiktoken's GPT-2 encoding, from its token ranks alone. tiktoken stores only ranks: the
+    merge that made token r is the split into two parts that BPE with the tokens below r reaches, and merging in rank
+    order is what tiktoken does. The pre-tokenizer regex (ByteLevel's) is the same as tiktoken's gpt2 pattern.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i != enc.eot_token}
+    byte_char = bytes_to_unicode()
+
+    def text(token):
+        return "".join(byte_char[b] for b in token)
+
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) == 1:
+            continue
+        parts = [bytes([b]) for b in token]
+        while True:  # BPE with only the tokens ranked below this one, the lowest-ranked pair first
+            pair_ranks = [ranks.get(parts[i] + parts[i + 1], math.inf) for i in range(len(parts) - 1)]
+            best = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
+            if pair_ranks[best] >= rank:
+                break
+            parts[best:best + 2] = [parts[best] + parts[best + 1]]
+        assert len(parts) == 2, f"token {token!r} is not one merge of two lower-ranked tokens"
+        merges.append((text(parts[0]), text(parts[1])))
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(EOT_TEXT, special=True)])
+    assert tokenizer.token_to_id(EOT_TEXT) == enc.eot_token
+    return tokenizer
+
+
+# -----------------------------------------------------------------------------
+# model card
+
+
+def model_card(checkpoint, out_dir):
+    """README.md: what the model is, how it was trained, how good it is and how to use it."""
+    meta, args, config = checkpoint["meta"], checkpoint["model_args"], checkpoint["config"]
+    loss, which = checkpoint_val_loss(checkpoint, out_dir)
+    if math.isfinite(loss):
+        score = (f"{which} val loss **{loss:.4f}** nats/token (perplexity {math.exp(loss):.2f}), "
+                 f"**{bits_per_byte(loss, meta):.4f}** bits per byte")
+    else:
+        score = "not evaluated yet"
+    padding_rows = checkpoint["model"]["transformer.wte.weight"].size(0) - args["vocab_size"]
+    n_params = sum(v.numel() for k, v in checkpoint["model"].items() if k != "lm_head.weight")  # tied: once
+    n_params -= padding_rows * args["n_embd"]  # as exported
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+tags: [gpt2, slm, tinystories]
+---
+
+# A {n_params / 1e6:.1f}M-parameter GPT trained with slm
+
+A GPT-2-architecture language model ({args["n_layer"]} layers, {args["n_head"]} heads, width {args["n_embd"]},
+context {args["block_size"]} tokens, {"with" if args["bias"] else "without"} biases) trained from scratch with
+slm on `{config.get("data_dir")}`, and exported by slm's `export.py`: its logits equal the original checkpoint's.
+
+- Tokenizer: `{meta["tokenizer"]}` ({meta["vocab_size"]:,} tokens; end of text `{EOT_TEXT}` = id {meta["eot_token"]},
+  which ends each story). Text that spells `{EOT_TEXT}` is ordinary text, as in training.
+- Training: {checkpoint["iter_num"]:,} steps, {checkpoint.get("tokens", 0):,} tokens seen.
+- Validation ({meta["val"]["tokens"]:,} tokens): {score}.
+
+## Use
+
+```python
+from transformers import pipeline
+generate = pipeline("text-generation", model="PATH_OR_HUB_NAME")
+print(generate("Once upon a time", max_new_tokens=100)[0]["generated_text"])
+```
+
+Generation stops at the end-of-text token and at the context length, {args["block_size"]} tokens: the learned
+positions end there.
+
+## Training configuration
+
+```json
+{json.dumps(config, indent=2)}
+```
+"""
+
+
+def checkpoint_val_loss(checkpoint, out_dir):
+    """The val loss of exactly these weights, from train.py's log.jsonl; else the best one the checkpoint recorded."""
+    try:
+        with open(os.path.join(out_dir, "log.jsonl"), encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        return next(r["val_loss"] for r in rows if r["iter"] == checkpoint["iter_num"]), "final"
+    except (OSError, ValueError, KeyError, StopIteration):
+        return checkpoint.get("best_val_loss", math.inf), "best"
+
+
+if __name__ == "__main__":
+    run_main(main)
