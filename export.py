@@ -277,13 +277,10 @@ positions end there.
 
 
 def checkpoint_val_loss(checkpoint, out_dir):
-    """The val loss of exactly these weights, from train.py's log.jsonl; else the best one the checkpoint recorded."""
-    try:
-        with open(os.path.join(out_dir, "log.jsonl"), encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        return next(r["val_loss"] for r in rows if r["iter"] == checkpoint["iter_num"]), "final"
-    except (OSError, ValueError, KeyError, StopIteration):
-        return checkpoint.get("best_val_loss", math.inf), "best"
+    """The val loss of exactly these weights (train.py saves it); else the best one the checkpoint recorded."""
+    if math.isfinite(checkpoint.get("val_loss", math.nan)):
+        return checkpoint["val_loss"], "final"
+    return checkpoint.get("best_val_loss", math.inf), "best"
 
 
 if __name__ == "__main__":

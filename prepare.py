@@ -57,6 +57,8 @@ def _field_comments(config_cls):
 
 def _convert(text, kind, key):
     """Turn one command-line string (or a config-file value) into the field's type, or say why not."""
+    if kind is str:
+        return str(text)  # a config file's `compile = False` is the string 'False' to a str field
     if not isinstance(text, str):  # config files give typed values already
         if kind is float and isinstance(text, int) and not isinstance(text, bool):
             return float(text)

@@ -309,15 +309,21 @@ class GPT(nn.Module):
         positions cannot slide. Without it every step re-runs the whole (cropped) context, as nanoGPT does.
         """
         block_size = self.config.block_size
+        # Both paths see the same window, so greedy output does not depend on kv_cache: the last `window` tokens,
+        # which grows by one per step and, when the next token would not fit, drops to the last block_size // 2 + 1.
+        window = min(idx.size(1), block_size)
         cache = None
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
+            if step:
+                window = window + 1 if window < block_size else block_size // 2 + 1
             if not kv_cache:
-                logits, _ = self(idx[:, -block_size:])
-            elif cache is None or cache.pos >= block_size:
-                context = idx[:, -(block_size // 2 + 1):] if cache is not None else idx[:, -block_size:]
-                param = self.lm_head.weight
-                cache = KVCache(self.config, idx.size(0), param.device, param.dtype)
-                logits, _ = self(context, kv_cache=cache)
+                logits, _ = self(idx[:, -window:])
+            elif cache is None or window < cache.pos + 1:  # first step, or the window slid: encode it afresh
+                if cache is None:
+                    param = self.lm_head.weight
+                    cache = KVCache(self.config, idx.size(0), param.device, param.dtype)
+                cache.pos = 0  # the stale entries past pos are never read
+                logits, _ = self(idx[:, -window:], kv_cache=cache)
             else:
                 logits, _ = self(idx[:, -1:], kv_cache=cache)
             logits = logits[:, -1, :self.config.vocab_size]  # never sample a padding id
@@ -712,10 +718,10 @@ def main(argv=None):
     def batch(split, generator):
         return get_batch(config.data_dir, meta, split, config.batch_size, block_size, generator, device)
 
-    def checkpoint_now():
+    def checkpoint_now(val_loss=float("nan")):  # val_loss of exactly these weights, when just evaluated
         return {
             "version": CHECKPOINT_VERSION, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss,
+            "scaler": scaler.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss, "val_loss": val_loss,
             "model_args": model_args, "config": dataclasses.asdict(config), "meta": meta, "rng": rng_state(),
             "elapsed_s": elapsed_before + time.time() - t_start, "tokens": iter_num * tokens_per_iter,
         }
@@ -755,7 +761,7 @@ def main(argv=None):
                 plot_losses(log_path, os.path.join(config.out_dir, "loss.png"))
             if iter_num > 0 and (losses["val"] < best_val_loss or config.always_save_checkpoint):
                 best_val_loss = min(best_val_loss, losses["val"])
-                save_checkpoint(ckpt_path, checkpoint_now())
+                save_checkpoint(ckpt_path, checkpoint_now(losses["val"]))
             t_last = time.time()  # evaluation time is not training time
         if iter_num >= config.max_iters or config.eval_only:
             break
