@@ -1,0 +1,233 @@
+"""
+Generate stories from a checkpoint written by train.py. Everything it needs is in out_dir: ckpt.pt (weights, model
+shape, and the data's meta.json, which names the tokenizer) and, for a bpe:N tokenizer, tokenizer.json.
+
+    python sample.py --prompt="Once upon a time"
+    python sample.py --out_dir=out --num_samples=5 --temperature=0.9 --top_p=0.95
+    python sample.py --prompt=FILE:prompt.txt --max_new_tokens=1000
+    python sample.py --temperature=0                     # greedy: always the most likely token
+
+Samples are generated together as one batch. The first is printed token by token as it is generated; the others,
+which were generated alongside it, are printed when the batch is done. Each sample is followed by a line of dashes.
+
+From Python:
+
+    from sample import load_model, generate_text
+    model, tokenizer = load_model("out", device="cpu")
+    stories = generate_text(model, tokenizer, "Once upon a time", num_samples=2, max_new_tokens=200)
+"""
+
+import os
+import sys
+from dataclasses import dataclass
+
+from prepare import UserError, load_tokenizer, parse_config, run_main
+
+# torch and train.py (which imports torch) are imported inside the functions that need them: `--help` and bad
+# flags answer at once instead of after a second or two of importing torch.
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = "out"  # the folder train.py wrote: ckpt.pt (and tokenizer.json for a bpe:N tokenizer)
+    prompt: str = "Once upon a time"  # the text to continue, or FILE:path to read it from a UTF-8 file
+    num_samples: int = 3  # samples generated together as one batch; the first one is printed as it is generated
+    max_new_tokens: int = 500  # tokens to generate for each sample (fewer when it ends with the end-of-text token)
+    temperature: float = 0.8  # below 1 picks likelier tokens, above 1 more surprising ones; 0 is greedy
+    top_k: int = 200  # sample only from the k most likely tokens; 0 keeps them all
+    top_p: float = 1.0  # sample only from the fewest most likely tokens whose probability reaches top_p, in (0, 1]
+    seed: int = 1337  # the same seed, settings and checkpoint give the same text
+    device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
+    dtype: str = "auto"  # auto (bfloat16, or float16 on older GPUs; float32 on CPU/MPS), float32, bfloat16, float16
+    compile: bool = False  # torch.compile the model: slow to start, worth it only for long runs on a GPU
+    kv_cache: bool = True  # keep earlier positions' keys and values; False recomputes the whole context every token
+    stop_at_eot: bool = True  # end a sample at the end-of-text token (the end of a story)
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_settings(temperature, top_k, top_p, num_samples=1, max_new_tokens=0):
+    """Reject settings that cannot sample, before the model is loaded."""
+    problems = []
+    if not temperature >= 0:  # (also catches nan)
+        problems.append(f"--temperature must be 0 (greedy) or more, got {temperature}")
+    if top_k < 0:
+        problems.append(f"--top_k must be 0 (off) or more, got {top_k}")
+    if not 0 < top_p <= 1:
+        problems.append(f"--top_p must be in (0, 1], got {top_p}: 1 turns it off, 0.9 keeps the likeliest 90%")
+    if num_samples < 1:
+        problems.append(f"--num_samples must be at least 1, got {num_samples}")
+    if max_new_tokens < 0:
+        problems.append(f"--max_new_tokens must be 0 or more, got {max_new_tokens}")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+# -----------------------------------------------------------------------------
+# loading
+
+
+def load_model(out_dir="out", device="auto", dtype="auto", compile=False):
+    """(model, tokenizer) from out_dir/ckpt.pt, in eval mode on the device, its weights in dtype."""
+    import torch
+
+    from train import load_checkpoint, model_from_checkpoint, pick_device, pick_dtype
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    device = pick_device(device)
+    dtype = pick_dtype(dtype, device)
+    # Loaded onto the CPU first, whatever device it was saved from, then moved: a checkpoint from a GPU loads on a
+    # laptop. load_checkpoint uses weights_only=True, checks the version and strips torch.compile/DDP key prefixes.
+    checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), map_location="cpu")
+    tokenizer = load_tokenizer(checkpoint["meta"], out_dir)  # train.py copied tokenizer.json here for bpe:N
+    model = model_from_checkpoint(checkpoint)
+    del checkpoint  # the optimizer state in it is as big as the model twice over
+    # Sampling needs no fp32 master weights: casting them once is faster than autocasting every op.
+    model.eval().to(device=device, dtype=getattr(torch, dtype))
+    if compile:
+        # Compile the module itself, so the self(...) calls inside generate_tokens run the compiled graph; dynamic
+        # shapes, because the context grows by one token at every step.
+        model.compile(dynamic=True)
+    return model, tokenizer
+
+
+def read_prompt(prompt):
+    """--prompt as text: itself, or the contents of a file for FILE:path."""
+    if prompt.startswith("FILE:"):
+        path = prompt[len("FILE:"):]
+        try:
+            with open(path, encoding="utf-8") as f:
+                prompt = f.read()
+        except OSError as e:
+            raise UserError(f"cannot read the prompt file {path}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise UserError(f"the prompt file {path} is not UTF-8 text") from None
+    if not prompt:
+        raise UserError("the prompt is empty: give some text to continue, e.g. --prompt='Once upon a time'")
+    return prompt
+
+
+def encode_prompt(tokenizer, prompt, block_size):
+    """The prompt's token ids, cropped to the model's context (its most recent tokens) with a warning."""
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise UserError("the prompt is empty: give some text to continue, e.g. --prompt='Once upon a time'")
+    if len(ids) > block_size:
+        print(f"warning: the prompt is {len(ids)} tokens, longer than the model's context of {block_size}: "
+              f"it sees only the last {block_size}", file=sys.stderr)
+        ids = ids[-block_size:]
+    return ids
+
+
+# -----------------------------------------------------------------------------
+# generation
+
+
+class TextStream:
+    """
+    A sample's text as its tokens arrive. One character can be split over several tokens (GPT-2 spells most emoji
+    and many accented letters with two or three byte-level tokens); decoded alone, each part is a replacement
+    character U+FFFD. So the tokens since the last printed text are held back while their text ends in U+FFFD, and
+    printed once it no longer does. What is printed always ends on a whole character, so the pieces joined equal
+    the decoding of all the tokens at once.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.pending = []
+
+    def push(self, token):
+        """The text that token completes ('' while a character is still unfinished)."""
+        self.pending.append(token)
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith("\ufffd"):
+            return ""
+        self.pending = []
+        return text
+
+    def flush(self):
+        """Whatever is held back, at the end of a sample (a character the model never finished stays U+FFFD)."""
+        text = self.tokenizer.decode(self.pending) if self.pending else ""
+        self.pending = []
+        return text
+
+
+def generate_text(model, tokenizer, prompt, num_samples=1, max_new_tokens=500, temperature=0.8, top_k=200,
+                  top_p=1.0, seed=1337, kv_cache=True, stop_at_eot=True, stream=None):
+    """
+    Continue prompt (text) num_samples times, as one batch; returns the continuations (without the prompt), each
+    cut before its end-of-text token when stop_at_eot. stream, if given, is called as stream(text, last) with the
+    first sample's text as it is generated, in pieces that never split a character; last is True on the final call.
+    The same seed gives the same text for the same model, settings and device.
+    """
+    import torch
+
+    check_settings(temperature, top_k, top_p, num_samples, max_new_tokens)
+    device = model.lm_head.weight.device
+    ids = encode_prompt(tokenizer, prompt, model.config.block_size)
+    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)  # our own: the global RNG is left alone
+    eot = tokenizer.eot_token if stop_at_eot else None
+    new_ids = [[] for _ in range(num_samples)]
+    finished = [False] * num_samples
+    first = TextStream(tokenizer)
+    with torch.inference_mode():
+        steps = model.generate_tokens(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                      kv_cache=kv_cache, generator=generator)
+        for tokens in steps:
+            for i, token in enumerate(tokens.tolist()):  # one device-to-host copy per step, for the whole batch
+                if finished[i]:
+                    continue  # a finished sample keeps generating with the batch; its tokens are dropped
+                if token == eot:
+                    finished[i] = True
+                    continue
+                new_ids[i].append(token)
+                if i == 0 and stream is not None:
+                    text = first.push(token)
+                    if text:
+                        stream(text, False)
+            if stream is not None and finished[0] and first is not None:
+                stream(first.flush(), True)
+                first = None
+            if all(finished):
+                break  # every story has ended: stop the batch early
+    if stream is not None and first is not None:
+        stream(first.flush(), True)
+    return [tokenizer.decode(sample) for sample in new_ids]
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None):
+    config = parse_config(SampleConfig, argv, __doc__)
+    check_settings(config.temperature, config.top_k, config.top_p, config.num_samples, config.max_new_tokens)
+    prompt = read_prompt(config.prompt)
+    model, tokenizer = load_model(config.out_dir, config.device, config.dtype, config.compile)
+    if model.lm_head.weight.device.type == "cpu":
+        from train import keep_freed_memory
+
+        keep_freed_memory()  # the per-token logits buffers are reused instead of mapped afresh
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")  # a console that cannot show a character shows '?', not a crash
+    dashes = "-" * 15
+
+    def stream(text, last):
+        print(text, end="\n" + dashes + "\n" if last else "", flush=True)
+
+    print(prompt, end="", flush=True)
+    samples = generate_text(model, tokenizer, prompt, config.num_samples, config.max_new_tokens, config.temperature,
+                            config.top_k, config.top_p, config.seed, config.kv_cache, config.stop_at_eot, stream)
+    for sample in samples[1:]:
+        print(prompt + sample)
+        print(dashes)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,367 @@
+"""sample.py on CPU: KV cache, sampling controls, seeds, end-of-text, streaming, loading, the CLI and its errors."""
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import prepare
+import sample
+import train
+from prepare import Tokenizer, UserError
+from sample import TextStream, generate_text, load_model
+from train import GPT, GPTConfig, sample_next_token
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Multi-byte characters on purpose: with a 300-token byte-level BPE they are spelt with several byte tokens.
+TREAT = "crème brûlée 🍰"
+
+
+def write_stories(path, n, seed):
+    """Very regular little stories, separated by blank lines, that a tiny model learns in a few seconds."""
+    rng = random.Random(seed)
+    stories = []
+    for _ in range(n):
+        name, color, thing = rng.choice(["Tom", "Lily", "Ben", "Mia"]), rng.choice(["red", "blue", "green"]), \
+            rng.choice(["ball", "kite", "car"])
+        story = f"{name} had a {color} {thing}. {name} liked the {thing} a lot."
+        if rng.random() < 0.5:
+            story += f" Then {name} ate a {TREAT} at the café."
+        stories.append(story + " The end.")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n\n".join(stories) + "\n")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """
+    These models are tiny: a second thread only adds synchronisation, and on a busy machine (CI runs test files side
+    by side) OpenMP's waiting threads made training here 20x slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory):
+    """
+    A real bpe:300 checkpoint made by prepare.py and train.py (a few seconds). The data folder is deleted afterwards:
+    sample.py must work from out_dir alone.
+    """
+    root = tmp_path_factory.mktemp("sample")
+    data, out = root / "data", root / "out"
+    write_stories(root / "train.txt", 600, seed=0)
+    write_stories(root / "val.txt", 60, seed=1)
+    prepare.main([f"--train_files={root / 'train.txt'}", f"--val_files={root / 'val.txt'}", "--tokenizer=bpe:300",
+                  f"--data_dir={data}", f"--cache_dir={root / 'hf-cache'}"])
+    train.main([f"--data_dir={data}", f"--out_dir={out}", "--n_layer=2", "--n_head=2", "--n_embd=64",
+                "--block_size=48", "--batch_size=16", "--gradient_accumulation_steps=1", "--max_iters=250",
+                "--eval_interval=250", "--eval_iters=2", "--log_interval=250", "--learning_rate=4e-3",
+                "--min_lr=4e-4", "--warmup_iters=10", "--device=cpu", "--compile=False", "--plot=False"])
+    shutil.rmtree(data)
+    shutil.rmtree(root / "hf-cache")
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def loaded(ckpt_dir):
+    return load_model(ckpt_dir, device="cpu")
+
+
+def sharp_random_model(seed, block_size=16, vocab_size=50):
+    """An untrained model whose weights are scaled up, so its next token depends strongly on the whole context."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
+                          bias=True))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(20)
+    return model.eval().double()  # float64: the two paths' different matmul shapes cannot flip a near tie
+
+
+# --- KV cache ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt_len", [1, 5, 16, 30])
+def test_greedy_with_cache_equals_without_also_past_block_size(prompt_len):
+    for seed in range(4):
+        model = sharp_random_model(seed)
+        prompt = torch.randint(0, 50, (2, prompt_len), generator=torch.Generator().manual_seed(seed))
+        cached = model.generate(prompt, 60, temperature=0, kv_cache=True)
+        uncached = model.generate(prompt, 60, temperature=0, kv_cache=False)
+        assert torch.equal(cached, uncached)
+
+
+def test_cache_runs_one_position_per_token_and_slides_rarely():
+    model = sharp_random_model(0, block_size=16)
+    lengths = []
+    model.register_forward_pre_hook(lambda module, args: lengths.append(args[0].size(1)))
+    list(model.generate_tokens(torch.zeros((1, 3), dtype=torch.long), 100, temperature=0, kv_cache=True))
+    assert len(lengths) == 100 and lengths[0] == 3
+    slides = [n for n in lengths[1:] if n > 1]
+    assert slides == [9] * len(slides)  # block_size // 2 + 1 tokens re-encoded, once per 8 new tokens
+    assert len(slides) == (100 - 1 - (16 - 3)) // 8 + 1
+    assert sum(lengths) < 2.5 * 100  # against 100 * 16 without the cache
+
+
+def test_greedy_text_with_cache_equals_without_on_a_trained_model(loaded):
+    model, tokenizer = loaded
+    kwargs = dict(max_new_tokens=3 * model.config.block_size, temperature=0, stop_at_eot=False)
+    assert generate_text(model, tokenizer, "Mia had", kv_cache=True, **kwargs) == \
+        generate_text(model, tokenizer, "Mia had", kv_cache=False, **kwargs)
+
+
+# --- sampling controls -------------------------------------------------------
+
+# token:         0     1     2     3     4     5
+PROBS = torch.tensor([0.05, 0.40, 0.10, 0.30, 0.15, 0.0])
+
+
+def kept_tokens(top_k=0, top_p=1.0, temperature=1.0, rows=20_000):
+    logits = PROBS.clamp_min(1e-30).log().expand(rows, -1).contiguous()
+    tokens = sample_next_token(logits, temperature, top_k, top_p, torch.Generator().manual_seed(0))
+    counts = torch.bincount(tokens, minlength=len(PROBS)).double() / rows
+    return set(tokens.tolist()), counts
+
+
+@pytest.mark.parametrize("top_k, top_p, expected", [
+    (0, 1.0, {0, 1, 2, 3, 4}),
+    (1, 1.0, {1}),
+    (2, 1.0, {1, 3}),
+    (4, 1.0, {1, 3, 4, 2}),
+    (0, 0.3, {1}),  # 0.40 alone reaches 0.3
+    (0, 0.5, {1, 3}),  # 0.40 does not reach 0.5; 0.40 + 0.30 does
+    (0, 0.8, {1, 3, 4}),  # 0.70 + 0.15 = 0.85
+    (0, 0.9, {1, 3, 4, 2}),  # 0.85 + 0.10 = 0.95
+    (3, 0.9, {1, 3, 4}),  # top_k first, then top_p within what is left
+    (4, 0.5, {1, 3}),
+])
+def test_top_k_and_top_p_keep_exactly_the_right_tokens(top_k, top_p, expected):
+    kept, counts = kept_tokens(top_k, top_p)
+    assert kept == expected
+    renormalised = torch.zeros(len(PROBS), dtype=torch.float64)
+    renormalised[list(expected)] = PROBS[list(expected)].double() / PROBS[list(expected)].sum()
+    assert torch.allclose(counts, renormalised, atol=0.015)  # and in the right proportions
+
+
+def test_temperature_zero_is_argmax_and_low_temperature_sharpens():
+    assert kept_tokens(temperature=0)[0] == {1}
+    cold, hot = kept_tokens(temperature=0.5)[1], kept_tokens(temperature=4.0)[1]
+    assert cold[1] > PROBS[1] + 0.1 and hot[1] < PROBS[1] - 0.1
+
+
+def test_same_seed_same_text_other_seed_other_text(loaded):
+    model, tokenizer = loaded
+    kwargs = dict(num_samples=3, max_new_tokens=60, temperature=1.5, top_k=0, stop_at_eot=False)
+    first = generate_text(model, tokenizer, "Tom", seed=7, **kwargs)
+    assert generate_text(model, tokenizer, "Tom", seed=7, **kwargs) == first
+    assert generate_text(model, tokenizer, "Tom", seed=8, **kwargs) != first
+    assert len(set(first)) == 3  # the samples of one batch are drawn independently
+
+
+# --- end of text, streaming ------------------------------------------------------
+
+
+def test_stops_at_the_end_of_text_token(loaded):
+    model, tokenizer = loaded
+    stopped = generate_text(model, tokenizer, "Ben had a", num_samples=4, max_new_tokens=150, seed=1)
+    for text in stopped:
+        assert text.endswith("The end.") and "<|endoftext|>" not in text
+        assert len(tokenizer.encode(text)) < 150
+    # the model did reach its end-of-text token; without stop_at_eot it carries on into another story
+    running = generate_text(model, tokenizer, "Ben had a", num_samples=4, max_new_tokens=150, seed=1,
+                            stop_at_eot=False)
+    for text in running:
+        assert "The end.<|endoftext|>" in text and len(tokenizer.encode(text)) >= 150
+
+
+def test_streamed_text_never_splits_a_character_and_adds_up(loaded):
+    model, tokenizer = loaded
+    pieces, lasts = [], []
+
+    def stream(text, last):
+        pieces.append(text)
+        lasts.append(last)
+
+    texts = generate_text(model, tokenizer, "Lily had a red kite. Lily liked the kite a lot. Then Lily ate a",
+                          num_samples=2, max_new_tokens=40, temperature=0, stream=stream)
+    assert TREAT in texts[0]  # so there were characters to split
+    assert "".join(pieces) == texts[0]
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert lasts.count(True) == 1 and lasts[-1]
+
+
+@pytest.mark.parametrize("tokenizer_name", ["gpt2", "bpe"])
+def test_text_stream_holds_back_a_split_character(tokenizer_name, ckpt_dir):
+    tokenizer = Tokenizer("gpt2") if tokenizer_name == "gpt2" else \
+        Tokenizer("bpe:300", os.path.join(ckpt_dir, "tokenizer.json"))
+    text = f"Lily ate a {TREAT} — “yum”, 日本語!"
+    ids = tokenizer.encode(text)
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # some characters are split over tokens
+    stream = TextStream(tokenizer)
+    pieces = [stream.push(i) for i in ids] + [stream.flush()]
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert "".join(pieces) == text
+
+
+# --- prompts --------------------------------------------------------------------
+
+
+def test_prompt_longer_than_the_context_keeps_its_end_with_a_warning(loaded, capsys):
+    model, tokenizer = loaded
+    block_size = model.config.block_size
+    prompt = "Tom had a blue ball. Tom liked the ball a lot. The end.\n\nMia had a green kite. " * 5
+    ids = tokenizer.encode(prompt)
+    assert len(ids) > block_size
+    text = generate_text(model, tokenizer, prompt, max_new_tokens=2 * block_size, temperature=0, stop_at_eot=False)[0]
+    assert f"the prompt is {len(ids)} tokens, longer than the model's context of {block_size}" in \
+        capsys.readouterr().err
+    expected = model.generate(torch.tensor([ids[-block_size:]]), 2 * block_size, temperature=0)[0, block_size:]
+    assert text == tokenizer.decode(expected.tolist())
+
+
+def test_prompt_from_a_file(tmp_path):
+    path = tmp_path / "prompt.txt"
+    path.write_text("Once upon a time 🍰\n", encoding="utf-8")
+    assert sample.read_prompt(f"FILE:{path}") == "Once upon a time 🍰\n"
+    assert sample.read_prompt("plain text") == "plain text"
+
+
+# --- loading --------------------------------------------------------------------
+
+
+def test_loads_a_checkpoint_whose_keys_carry_compile_and_ddp_prefixes(ckpt_dir, loaded, tmp_path):
+    checkpoint = torch.load(os.path.join(ckpt_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
+    prefixes = ["_orig_mod.", "module.", "module._orig_mod."]
+    checkpoint["model"] = {prefixes[i % 3] + key: value for i, (key, value) in enumerate(checkpoint["model"].items())}
+    torch.save(checkpoint, tmp_path / "ckpt.pt")
+    shutil.copy(os.path.join(ckpt_dir, "tokenizer.json"), tmp_path)
+    model, tokenizer = load_model(str(tmp_path), device="cpu")
+    kwargs = dict(max_new_tokens=30, temperature=0, stop_at_eot=False)
+    assert generate_text(model, tokenizer, "Tom", **kwargs) == generate_text(*loaded, "Tom", **kwargs)
+
+
+def test_bfloat16_weights_on_cpu(ckpt_dir):
+    model, tokenizer = load_model(ckpt_dir, device="cpu", dtype="bfloat16")
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    text = generate_text(model, tokenizer, "Tom had a", max_new_tokens=30, temperature=0)[0]
+    assert "liked the" in text
+
+
+# --- command line ---------------------------------------------------------------
+
+
+def run_cli(*flags):
+    return subprocess.run([sys.executable, "sample.py", *flags], cwd=ROOT, capture_output=True, text=True,
+                          encoding="utf-8", timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def test_cli_prints_each_sample_then_a_line_of_dashes(ckpt_dir, loaded):
+    flags = dict(num_samples=3, max_new_tokens=80, temperature=1.0, top_k=50, top_p=0.95, seed=3)
+    result = run_cli(f"--out_dir={ckpt_dir}", "--prompt=Mia had a", "--device=cpu",
+                     *(f"--{key}={value}" for key, value in flags.items()))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    expected = generate_text(*loaded, "Mia had a", **flags)
+    assert result.stdout == "".join(f"Mia had a{text}\n{'-' * 15}\n" for text in expected)
+
+
+def test_cli_runs_a_gpt2_checkpoint_from_its_folder_alone(tmp_path):
+    """The GPT-2 tokenizer path (tiktoken), on a random model saved in train.py's checkpoint format."""
+    torch.manual_seed(0)
+    model_args = dict(block_size=32, vocab_size=50257, n_layer=1, n_head=2, n_embd=16, dropout=0.0, bias=False)
+    meta = {"tokenizer": "gpt2", "tokenizer_file": None, "vocab_size": 50257, "eot_token": 50256}
+    checkpoint = {"version": train.CHECKPOINT_VERSION, "model": GPT(GPTConfig(**model_args)).state_dict(),
+                  "model_args": model_args, "meta": meta, "config": {}, "iter_num": 0, "best_val_loss": 0.0,
+                  "tokens": 0}
+    train.save_checkpoint(str(tmp_path / "ckpt.pt"), checkpoint)
+    result = run_cli(f"--out_dir={tmp_path}", "--num_samples=2", "--max_new_tokens=50", "--kv_cache=False",
+                     "--stop_at_eot=False")
+    assert result.returncode == 0, result.stderr
+    samples = result.stdout.split("\n" + "-" * 15 + "\n")
+    assert samples[-1] == "" and len(samples) == 3
+    assert all(s.startswith("Once upon a time") and len(s) > len("Once upon a time") for s in samples[:2])
+
+
+def test_help_lists_every_flag():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for flag in ("out_dir", "prompt", "num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "seed",
+                 "device", "dtype", "compile", "kv_cache", "stop_at_eot"):
+        assert f"--{flag}=" in result.stdout
+
+
+def error_of(capsys, *flags):
+    """Run the CLI's main in-process; the UserError must become one line on stderr and exit code 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        prepare.run_main(sample.main, list(flags))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.count("\n") == 1 and "Traceback" not in err and ": error: " in err
+    return err
+
+
+def write_checkpoint(path, checkpoint):
+    os.makedirs(path, exist_ok=True)
+    torch.save(checkpoint, os.path.join(path, "ckpt.pt"))
+    return str(path)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--top_p=0"], "--top_p must be in (0, 1], got 0.0"),
+    (["--top_p=1.5"], "--top_p must be in (0, 1], got 1.5"),
+    (["--top_p=-0.2"], "--top_p must be in (0, 1], got -0.2"),
+    (["--temperature=-1"], "--temperature must be 0 (greedy) or more, got -1.0"),
+    (["--top_k=-5"], "--top_k must be 0 (off) or more"),
+    (["--num_samples=0"], "--num_samples must be at least 1"),
+    (["--prompt="], "the prompt is empty"),
+    (["--prompt=FILE:/no/such/prompt.txt"], "cannot read the prompt file /no/such/prompt.txt"),
+    (["--device=tpu"], "unknown device 'tpu'"),
+    (["--dtype=float64"], "--dtype must be one of auto, float32, bfloat16, float16"),
+    (["--temprature=1"], "did you mean --temperature?"),
+])
+def test_bad_settings_are_one_line_errors(ckpt_dir, capsys, flags, message):
+    assert message in error_of(capsys, f"--out_dir={ckpt_dir}", *flags)
+
+
+def test_empty_prompt_file_is_an_error(ckpt_dir, capsys, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    assert "the prompt is empty" in error_of(capsys, f"--out_dir={ckpt_dir}", f"--prompt=FILE:{tmp_path}/empty.txt")
+
+
+def test_checkpoint_errors(ckpt_dir, capsys, tmp_path):
+    assert f"no checkpoint at {tmp_path}/ckpt.pt" in error_of(capsys, f"--out_dir={tmp_path}")
+
+    (tmp_path / "ckpt.pt").write_text("not a checkpoint at all")
+    assert "is not a readable slm checkpoint" in error_of(capsys, f"--out_dir={tmp_path}")
+
+    not_ours = write_checkpoint(tmp_path / "not-ours", {"state_dict": {}})
+    assert "is not an slm checkpoint" in error_of(capsys, f"--out_dir={not_ours}")
+
+    checkpoint = torch.load(os.path.join(ckpt_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
+    checkpoint["version"] = train.CHECKPOINT_VERSION + 1
+    future = write_checkpoint(tmp_path / "future", checkpoint)
+    assert "incompatible version" in error_of(capsys, f"--out_dir={future}")
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path):
+    result = run_cli(f"--out_dir={tmp_path}")
+    assert result.returncode == 2
+    assert result.stderr == f"sample.py: error: no checkpoint at {tmp_path}/ckpt.pt: train one with train.py, or " \
+                            "point --out_dir at its folder\n"
+    assert result.stdout == ""
+
+
+def test_programmatic_errors_are_user_errors(loaded):
+    model, tokenizer = loaded
+    with pytest.raises(UserError, match="top_p"):
+        generate_text(model, tokenizer, "Tom", top_p=0)
+    with pytest.raises(UserError, match="prompt is empty"):
+        generate_text(model, tokenizer, "")
