@@ -563,8 +563,8 @@ def write_tokens(chunks, tokenizer, dtype, train_path, val_path, workers, bar):
             c["tokens"], c["stories"], c["bytes"] = c["tokens"] + len(ids), c["stories"] + stories, c["bytes"] + nbytes
         elapsed = time.time() - start
         bar.set_postfix_str(f"{(counts['train']['stories'] + counts['val']['stories']) / elapsed:,.0f} stories/s, "
-                               f"{(counts['train']['tokens'] + counts['val']['tokens']) / elapsed / 1e6:.2f}M tokens/s",
-                               refresh=False)
+                            f"{(counts['train']['tokens'] + counts['val']['tokens']) / elapsed / 1e6:.2f}M tokens/s",
+                            refresh=False)
 
     start, pending = time.time(), collections.deque()
     with open(train_path, "wb") as train_file, open(val_path, "wb") as val_file, ThreadPoolExecutor(workers) as pool:
