@@ -343,16 +343,18 @@ def sample_next_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=Non
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
+    ids = None  # once logits are cut down to candidates: the token id of each column
     if top_k and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        # only the k likeliest can be drawn, so draw among just those: a 50K-way draw costs ~1 ms on a CPU
+        logits, ids = torch.topk(logits, top_k, dim=-1)  # sorted, most likely first
     if top_p < 1.0:  # nucleus: the smallest set of most likely tokens whose probability reaches top_p
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already reaches top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+        if ids is None:
+            logits, ids = torch.sort(logits, descending=True, dim=-1)
+        probs = logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already reaches top_p
+        logits = logits.masked_fill(drop, float("-inf"))
+    choice = torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
+    return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
 
 
 # -----------------------------------------------------------------------------
@@ -484,9 +486,8 @@ def strip_prefixes(state_dict):
     """Keys as the bare model names them: torch.compile adds '_orig_mod.', DDP adds 'module.'."""
     clean = {}
     for key, value in state_dict.items():
-        for prefix in ("_orig_mod.", "module."):
-            while key.startswith(prefix):
-                key = key[len(prefix):]
+        while key.startswith(("_orig_mod.", "module.")):  # in any order: DDP of a compiled model gives both
+            key = key.split(".", 1)[1]
         clean[key] = value
     return clean
 
