@@ -50,20 +50,19 @@ def make_checkpoint(config_name, data_dir, out_dir, device):
 
 
 def nanogpt_generate(model, idx, max_new_tokens, temperature=0.8, top_k=200):
-    """nanoGPT's GPT.generate, as it is (model.py at 3adf61e), on our GPT (whose forward is the same)."""
+    """
+    The algorithm of nanoGPT's GPT.generate (3adf61e), written here: for every new token, re-run the model on the
+    last block_size tokens, keep the top_k logits, and draw from the full-vocabulary softmax.
+    """
     import torch
-    from torch.nn import functional as F
 
+    block_size = model.config.block_size
     for _ in range(max_new_tokens):
-        idx_cond = idx if idx.size(1) <= model.config.block_size else idx[:, -model.config.block_size:]
-        logits, _ = model(idx_cond)
-        logits = logits[:, -1, :] / temperature
-        if top_k is not None:
-            v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-            logits[logits < v[:, [-1]]] = -float('Inf')
-        probs = F.softmax(logits, dim=-1)
-        idx_next = torch.multinomial(probs, num_samples=1)
-        idx = torch.cat((idx, idx_next), dim=1)
+        last_logits = model(idx[:, -block_size:])[0][:, -1, :] / temperature
+        threshold = torch.topk(last_logits, min(top_k, last_logits.size(-1))).values[:, -1:]
+        last_logits = last_logits.masked_fill(last_logits < threshold, float("-inf"))
+        next_id = torch.multinomial(torch.softmax(last_logits, dim=-1), 1)
+        idx = torch.cat([idx, next_id], dim=1)
     return idx
 
 
