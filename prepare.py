@@ -111,9 +111,9 @@ def _read_config_file(path):
 
 def parse_config(config_cls, argv=None, description=""):
     """
-    Build a config_cls from config files and --key=value flags, nanoGPT style:
+    Build a config_cls from config files and --key=value (or --key value) flags, nanoGPT style:
         python train.py [config_file ...] [--key=value ...]
-    Files are applied in order, then flags. An unknown key, a bad value or a missing '=' is an error.
+    Files and flags are applied in the order given. An unknown key or a bad value is an error.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
@@ -129,21 +129,25 @@ def parse_config(config_cls, argv=None, description=""):
         values[key] = _convert(value, fields[key].type, key)
 
     values = {}
-    for arg in argv:
+    args = iter(argv)
+    for arg in args:
         if not arg.startswith("--"):
             for key, value in _read_config_file(arg).items():
                 set_value(key, value, arg)
-        elif "=" not in arg:
-            raise UserError(f"flags take the form --key=value, got {arg!r}")
-        else:
+        elif "=" in arg:
             key, value = arg[2:].split("=", 1)
             set_value(key, value, "the command line")
+        else:  # --key value, as in `python sample.py --prompt "Once upon a time"`
+            value = next(args, None)
+            if value is None:
+                raise UserError(f"{arg} needs a value: --key=value or --key value")
+            set_value(arg[2:], value, "the command line")
     return config_cls(**values)
 
 
 def config_help(config_cls, description=""):
     comments = _field_comments(config_cls)
-    lines = [description.strip(), "", "usage: [config_file ...] [--key=value ...]", ""]
+    lines = [description.strip(), "", "usage: [config_file ...] [--key=value ...] (or --key value)", ""]
     for f in dataclasses.fields(config_cls):
         lines.append(f"  --{f.name}={f.default!r:<24} {comments.get(f.name, '')}")
     return "\n".join(lines).lstrip()

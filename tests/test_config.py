@@ -19,6 +19,11 @@ def test_flags_are_typed():
     assert parse_config(DemoConfig, []) == DemoConfig()
 
 
+def test_flags_with_a_space_before_the_value():
+    c = parse_config(DemoConfig, ["--out_dir", "Once upon a time", "--n_layer", "3", "--compile=True"])
+    assert c == DemoConfig(out_dir="Once upon a time", n_layer=3, compile=True)
+
+
 def test_config_file_then_flags(tmp_path):
     py = tmp_path / "small.py"
     py.write_text('"""a recipe"""\nn_layer = 2\nlearning_rate = 3e-4\ncompile = True\n')
@@ -32,7 +37,7 @@ def test_config_file_then_flags(tmp_path):
     (["--n_layr=3"], "unknown setting 'n_layr' in the command line (did you mean --n_layer?)"),
     (["--n_layer=three"], "--n_layer must be int, got 'three'"),
     (["--compile=maybe"], "--compile must be True or False, got 'maybe'"),
-    (["--n_layer"], "flags take the form --key=value, got '--n_layer'"),
+    (["--out_dir=x", "--n_layer"], "--n_layer needs a value: --key=value or --key value"),
 ])
 def test_bad_flags(argv, message):
     with pytest.raises(UserError) as e:

@@ -63,7 +63,7 @@ def test_prepare_train_resume_sample(tmp_path, tokenizer):
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["iter_num"] == 60
     assert [row["iter"] for row in map(json.loads, open(os.path.join(out, "log.jsonl")))] == [0, 20, 40, 60]
 
-    text = run("sample.py", f"--out_dir={out}", "--prompt=Once upon a time", "--num_samples=1",
+    text = run("sample.py", "--prompt", "Once upon a time", f"--out_dir={out}", "--num_samples=1",
                "--max_new_tokens=30", "--device=cpu", "--seed=1")
     story = text.split("\n---")[0]
     assert story.startswith("Once upon a time") and len(story) > len("Once upon a time") + 10
