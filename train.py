@@ -174,7 +174,7 @@ class CausalSelfAttention(nn.Module):
             v = kv_cache.v[self.layer_idx, :, :, :start + T]
         # flash attention where the device has it; a single new token may attend to every cached position
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=T > 1)
+                                           is_causal=bool(T > 1))
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -288,7 +288,7 @@ class GPT(nn.Module):
             loss = ChunkedLMHeadLoss.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), 256)
             return None, loss
         logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
         return logits, loss
 
     def flops_per_token(self):
@@ -383,10 +383,11 @@ def get_batch(data_dir, meta, split, batch_size, block_size, generator, device):
                         f"use a smaller --block_size or more data")
     starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
     windows = torch.from_numpy(data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))  # one gather
-    x, y = windows[:, :-1], windows[:, 1:]
-    if device.type == "cuda":  # pinned memory lets the copies overlap with the GPU's work
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.contiguous().to(device), y.contiguous().to(device)
+    if device.type == "cuda":  # pinned memory lets the copy overlap with the GPU's work
+        windows = windows.pin_memory().to(device, non_blocking=True)
+    else:
+        windows = windows.to(device)
+    return windows[:, :-1], windows[:, 1:]
 
 
 # -----------------------------------------------------------------------------
@@ -432,13 +433,13 @@ def estimate_loss(model, batch_fn, eval_iters, autocast, seed):
     losses = {}
     for split in ("train", "val"):
         generator = torch.Generator().manual_seed(seed)
-        total = torch.zeros(())
+        total = 0.0
         for _ in range(eval_iters):
             x, y = batch_fn(split, generator)
             with autocast:
                 _, loss = model(x, y)
-            total += loss.float().cpu()
-        losses[split] = total.item() / eval_iters
+            total = total + loss.float()  # on the device: one sync per split, not per batch
+        losses[split] = float(total) / eval_iters
     model.train()
     return losses
 
@@ -565,9 +566,9 @@ def pick_device(name):
 def pick_dtype(name, device):
     if name == "auto":
         if device.type == "cuda":
-            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+            return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
         return "float32"
-    if name == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if name == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise UserError("this GPU has no bfloat16: use --dtype=float16 (with loss scaling) or --dtype=float32")
     return name
 
@@ -582,6 +583,8 @@ def peak_flops_of(device, dtype):
             if key in name:
                 return flops if dtype != "float32" else flops / 2  # TF32 runs at half the bf16 rate
         return 0.0
+    if device.type != "cpu":
+        return 0.0  # no table for this device: MFU is left out unless --peak_flops is given
     size = 2048  # fp32 matmul on this CPU: the practical peak
     a = torch.rand(size, size, generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
     a @ a
@@ -613,12 +616,17 @@ def keep_freed_memory():
 def main(argv=None):
     config = parse_config(TrainConfig, argv, __doc__)
     validate(config)
+    if config.eval_only:
+        config.init_from = "resume"  # evaluating means evaluating the checkpoint in out_dir
 
     # one process per GPU under torchrun; a plain `python train.py` is a world of one
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if ddp:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if config.device not in ("auto", "cuda", "cpu"):
+            raise UserError(f"under torchrun --device must be auto, cuda or cpu (each process takes GPU LOCAL_RANK), "
+                            f"got {config.device!r}")
         if config.device in ("auto", "cuda") and torch.cuda.is_available():
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
@@ -641,11 +649,13 @@ def main(argv=None):
         if not has_triton():
             if str(config.compile).lower() == "true":
                 raise UserError("torch.compile needs Triton, which this platform lacks: use --compile=False")
-            print("note: torch.compile is not available here (no Triton); running eagerly")
+            if master:
+                print("note: torch.compile is not available here (no Triton); running eagerly")
             compile_model = False
     tokens_per_iter = grad_accum * world_size * config.batch_size * config.block_size
     say = print if master else (lambda *args, **kwargs: None)
-    print_config(config) if master else None
+    if master:
+        print_config(config)
     if device.type == "cpu" and config.n_embd >= 512 and config.max_iters >= 1000:
         say("note: these are the GPU defaults; on a CPU try `python train.py configs/tinystories_cpu.py`")
     say(f"device {device}, dtype {dtype}, compile {compile_model}, {world_size} process(es), "
@@ -680,7 +690,7 @@ def main(argv=None):
     if config.init_from == "resume":
         model.load_state_dict(checkpoint["model"])
     model.to(device)
-    model.chunked_loss = not compile_model and dtype == "float32"
+    model.chunked_loss = device.type == "cpu" and not compile_model and dtype == "float32"
     block_size = model.config.block_size
     say(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.flops_per_token() / 1e6:.0f} MFLOP/token")
     optimizer = configure_optimizer(model, config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
@@ -688,10 +698,13 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")  # fp16 needs loss scaling; bf16 does not
     if config.init_from == "resume":
         optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        set_rng_state(checkpoint["rng"])
+        if checkpoint["scaler"]:  # empty when the run that saved it did not scale (bf16, fp32)
+            scaler.load_state_dict(checkpoint["scaler"])
+        set_rng_state(checkpoint["rng"])  # rank 0's; the other ranks draw their own dropout masks again
+        if rank:
+            torch.manual_seed(config.seed + rank + 1_000_003 * iter_num)
         del checkpoint
-    if master and os.path.exists(log_path):  # a new run starts a new log; a resumed one drops what it will redo
+    if master and os.path.exists(log_path) and not config.eval_only:  # a new run starts a new log; a resumed one drops what it will redo
         with open(log_path, encoding="utf-8") as f:
             kept = [line for line in f if line.strip() and json.loads(line)["iter"] < iter_num]
         with open(log_path + ".tmp", "w", encoding="utf-8") as f:
@@ -732,7 +745,8 @@ def main(argv=None):
 
     def request_stop(signum, frame):
         stop_requested.append(signum)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if not ddp:  # torchrun's agent repeats the signal to every worker: under DDP a repeat must not kill it
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     signal.signal(signal.SIGINT, request_stop)
 
@@ -787,7 +801,7 @@ def main(argv=None):
         iters_since_log += 1
 
         if iter_num % config.log_interval == 0 or iter_num == config.max_iters:
-            loss_now = loss.item()  # the only host-device sync of the step, once per log_interval
+            loss_now = loss.item()  # a host-device sync, so only once per log_interval
             if not math.isfinite(loss_now):
                 raise UserError(f"the loss became {loss_now} at iter {iter_num}; {ckpt_path} keeps the last good "
                                 "checkpoint. Try a lower --learning_rate, or --dtype=bfloat16/float32")

@@ -363,3 +363,32 @@ def test_ddp_two_processes_match_one(data_dir, tmp_path):
     b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["model"]
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5), key
+
+
+def test_eval_only_evaluates_the_checkpoint_and_keeps_the_log(data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    run_train(data_dir, out, "--max_iters=20", "--eval_interval=20")
+    log = (out / "log.jsonl").read_text()
+    trained_val_loss = json.loads(log.splitlines()[-1])["val_loss"]
+    capsys.readouterr()
+    run_train(data_dir, out, "--eval_only=True")  # no --init_from=resume: evaluating means the checkpoint
+    printed = capsys.readouterr().out
+    assert f"val loss {trained_val_loss:.4f}" in printed
+    assert (out / "log.jsonl").read_text() == log
+
+
+def test_resume_in_float16_from_an_unscaled_run(data_dir, tmp_path):
+    """A float32 run saves an empty GradScaler state; resuming with loss scaling (fp16) must still work."""
+    out = tmp_path / "out"
+    run_train(data_dir, out, "--max_iters=4", "--eval_interval=4")
+    run_train(data_dir, out, "--max_iters=8", "--eval_interval=4", "--init_from=resume", "--dtype=float16")
+    checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
+    assert checkpoint["iter_num"] == 8 and checkpoint["scaler"]["scale"] > 0
+    assert math.isfinite(checkpoint["val_loss"])
+
+
+def test_torchrun_takes_no_device_index(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(UserError, match="under torchrun --device must be auto, cuda or cpu"):
+        train.main([f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--device=cuda:1"])
