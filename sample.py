@@ -42,7 +42,7 @@ class SampleConfig:
     seed: int = 1337  # the same seed, settings and checkpoint give the same text
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
     dtype: str = "auto"  # auto (bfloat16, or float16 on older GPUs; float32 on CPU/MPS), float32, bfloat16, float16
-    compile: bool = False  # torch.compile the model: slow to start, worth it only for long runs on a GPU
+    compile: bool = False  # torch.compile the model: slow to start; the cached decode step still falls back to eager
     kv_cache: bool = True  # keep earlier positions' keys and values; False recomputes the whole context every token
     stop_at_eot: bool = True  # end a sample at the end-of-text token (the end of a story)
 
