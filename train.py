@@ -306,7 +306,7 @@ class GPT(nn.Module):
         """
         Yield the next token of every sequence in idx (B, T), max_new_tokens times. With kv_cache each step runs one
         position; when the context is full it is cut to its last half and re-encoded, since learned absolute
-        positions cannot slide. Without it every step re-runs the whole (cropped) context, as nanoGPT does.
+        positions cannot slide. Without it every step re-runs the whole window, the cost nanoGPT pays for every token.
         """
         block_size = self.config.block_size
         # Both paths see the same window, so greedy output does not depend on kv_cache: the last `window` tokens,
