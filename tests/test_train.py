@@ -310,6 +310,24 @@ def test_torch_compile_on_cpu(data_dir, tmp_path):
     assert math.isfinite(checkpoint["best_val_loss"])
 
 
+def test_compiled_generation_has_no_graph_break_and_matches_eager():
+    # The cached decode step once fell back to eager: is_causal=T > 1 is symbolic under dynamic shapes.
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16, dropout=0.0, bias=False)
+    model = GPT(config).eval()
+    prompt = torch.tensor([[1, 2, 3]])
+    eager = model.generate(prompt, 20, temperature=0)  # past block_size: the window slides once
+    torch._dynamo.reset()
+    counters.clear()
+    model.compile(dynamic=True)
+    compiled = model.generate(prompt, 20, temperature=0)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert torch.equal(compiled, eager)
+    torch._dynamo.reset()
+
+
 def _cli(*args, **kwargs):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=env,
