@@ -66,7 +66,7 @@ def nanogpt_generate(model, idx, max_new_tokens, temperature=0.8, top_k=200):
     return idx
 
 
-def worker(out_dir, method, num_samples, new_tokens, device):
+def worker(out_dir, method, num_samples, new_tokens, device, dtype):
     """One measurement in this fresh process: prints load and generation seconds as JSON."""
     import torch
 
@@ -79,7 +79,7 @@ def worker(out_dir, method, num_samples, new_tokens, device):
         tokenizer = sample.load_tokenizer(checkpoint["meta"], out_dir)
         model = train.model_from_checkpoint(checkpoint).eval().to(train.pick_device(device))
     else:
-        model, tokenizer = sample.load_model(out_dir, device=device)
+        model, tokenizer = sample.load_model(out_dir, device=device, dtype=dtype)
     load_s = time.perf_counter() - t0
     sync = torch.cuda.synchronize if model.lm_head.weight.device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
@@ -94,24 +94,25 @@ def worker(out_dir, method, num_samples, new_tokens, device):
     print(json.dumps({"load_s": load_s, "gen_s": time.perf_counter() - t0}))
 
 
-def measure(out_dir, method, num_samples, new_tokens, device, runs, long_s):
+def measure(out_dir, method, num_samples, new_tokens, device, dtype, runs, long_s):
     results = []
     for _ in range(runs):
         out = subprocess.run([sys.executable, __file__, "--worker", out_dir, method, str(num_samples),
-                              str(new_tokens), device], capture_output=True, text=True, check=True, cwd=ROOT)
+                              str(new_tokens), device, dtype], capture_output=True, text=True, check=True, cwd=ROOT)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         if results[-1]["gen_s"] > long_s:
             break
     return results
 
 
-def whole_process(out_dir, new_tokens, device, runs):
+def whole_process(out_dir, new_tokens, device, dtype, runs):
     """Wall time of `python sample.py` generating one sample (output discarded)."""
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "sample.py", f"--out_dir={out_dir}", "--num_samples=1",
-                        f"--max_new_tokens={new_tokens}", "--stop_at_eot=False", f"--device={device}"],
+                        f"--max_new_tokens={new_tokens}", "--stop_at_eot=False", f"--device={device}",
+                        f"--dtype={dtype}"],
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=True, cwd=ROOT)
         times.append(time.perf_counter() - t0)
     return times
@@ -123,20 +124,21 @@ def main():
     parser.add_argument("--runs", type=int, default=3, help="fresh processes per measurement; the median is shown")
     parser.add_argument("--long", type=float, default=30.0, help="a measurement taking longer than this runs once")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto", help="sample.py's --dtype for no-cache and cache (nanogpt: fp32)")
     parser.add_argument("--methods", default="nanogpt,no-cache,cache")
     parser.add_argument("--text", default=os.path.join(ROOT, "..", "shared", "tinystories-sample", "train.txt"))
-    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        out_dir, method, num_samples, new_tokens, device = args.worker
-        return worker(out_dir, method, int(num_samples), int(new_tokens), device)
+        out_dir, method, num_samples, new_tokens, device, dtype = args.worker
+        return worker(out_dir, method, int(num_samples), int(new_tokens), device, dtype)
 
     import torch
 
     from bench_train import make_dataset
 
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
-          f"device {args.device}")
+          f"device {args.device}, sample.py --dtype={args.dtype}")
     with tempfile.TemporaryDirectory() as tmp:
         make_dataset(args.text, tmp)
         print(f"{'config':7} {'tokens':>6} {'B':>2} {'method':9} {'tokens/s (runs)':32} {'median':>8} "
@@ -148,7 +150,8 @@ def main():
                 reference = None
                 for method in args.methods.split(","):
                     for num_samples in ([1] if method == "nanogpt" else [1, 8]):
-                        runs = measure(out_dir, method, num_samples, new_tokens, args.device, args.runs, args.long)
+                        runs = measure(out_dir, method, num_samples, new_tokens, args.device, args.dtype, args.runs,
+                                       args.long)
                         rates = [num_samples * new_tokens / r["gen_s"] for r in runs]
                         rate = statistics.median(rates)
                         reference = rate if method == "nanogpt" else reference
@@ -157,9 +160,9 @@ def main():
                               f"{', '.join(f'{r:.0f}' for r in rates):32} {rate:8.0f} {versus} "
                               f"{rate / ANCHOR:10.1f}x", flush=True)
             # start-up: the whole process against its own generation (the cache method's median, one sample)
-            gen = statistics.median(r["gen_s"] for r in measure(out_dir, "cache", 1, 500, args.device, args.runs,
-                                                                  args.long))
-            total = whole_process(out_dir, 500, args.device, args.runs)
+            gen = statistics.median(r["gen_s"] for r in measure(out_dir, "cache", 1, 500, args.device, args.dtype,
+                                                                  args.runs, args.long))
+            total = whole_process(out_dir, 500, args.device, args.dtype, args.runs)
             print(f"{name:7} `python sample.py --max_new_tokens=500 --num_samples=1`: whole process "
                   f"{', '.join(f'{t:.2f}' for t in total)} s, median {statistics.median(total):.2f} s; generation "
                   f"{gen:.2f} s; so start-up and exit {statistics.median(total) - gen:.2f} s", flush=True)

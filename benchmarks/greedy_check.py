@@ -1,0 +1,48 @@
+"""
+Does greedy decoding give the same tokens with and without the KV cache, on a real checkpoint, device and dtype?
+
+    python benchmarks/greedy_check.py --out_dir=out --device=cuda --dtypes=float32,bfloat16 --max_new_tokens=1200
+
+The two paths run different kernels (one query row against the cache, or the whole window at once), so their logits
+agree only to rounding. In float32 that never decides an argmax in practice; in 16-bit types two logits can round to
+a tie or swap, and the texts then part. Prints, per dtype, whether the texts match and where they first differ.
+"""
+
+import os
+import sys
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from prepare import parse_config, run_main  # noqa: E402
+
+
+@dataclass
+class GreedyCheckConfig:
+    out_dir: str = "out"  # where ckpt.pt is
+    device: str = "auto"  # auto, cpu, cuda, mps
+    dtypes: str = "float32,bfloat16"  # comma-separated weight dtypes to try
+    prompts: str = "Once upon a time|Tom and Lily went to the park"  # |-separated prompts
+    max_new_tokens: int = 1200  # past block_size, so the window slides at least once at the default block sizes
+
+
+def main(argv=None):
+    config = parse_config(GreedyCheckConfig, argv, __doc__)
+    import sample
+
+    for dtype in config.dtypes.split(","):
+        model, tokenizer = sample.load_model(config.out_dir, device=config.device, dtype=dtype)
+        for prompt in config.prompts.split("|"):
+            texts = [sample.generate_text(model, tokenizer, prompt, max_new_tokens=config.max_new_tokens,
+                                          temperature=0.0, kv_cache=kv_cache, stop_at_eot=False)[0]
+                     for kv_cache in (True, False)]
+            ids = [tokenizer.encode(text) for text in texts]
+            first_diff = next((i for i, (a, b) in enumerate(zip(*ids)) if a != b), None)
+            verdict = "identical" if texts[0] == texts[1] else f"differ from token {first_diff}"
+            print(f"{dtype:9} {model.lm_head.weight.device.type:5} {config.max_new_tokens} tokens after "
+                  f"{prompt!r}: cached and uncached greedy texts {verdict}", flush=True)
+
+
+if __name__ == "__main__":
+    run_main(main)
