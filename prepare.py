@@ -261,6 +261,7 @@ class PrepareConfig:
     num_workers: int = 0  # encoding threads (0 = all cores)
     chunk_mb: float = 4.0  # MB of text a worker encodes at once: memory grows with chunk_mb x workers, not the corpus
     cache_dir: str = ""  # where datasets keeps its Arrow copy of the source (empty = its default cache)
+    fix_mojibake: bool = True  # repair the Hub release's mis-encoded punctuation (â€œ â€™ â€ back to “ ’ ”)
 
 
 VERSION = 1  # bump when a change here changes the output for the same settings, so old outputs get rebuilt
@@ -268,6 +269,14 @@ BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", 
 VAL_SPLITS = ("validation", "valid", "val")
 EOT_LINE = re.compile(r"^<\|endoftext\|>$\n?", re.MULTILINE)  # official TinyStories .txt: a line holding just that
 BLANK_LINES = re.compile(r"\n(?:[ \t]*\n)+")  # any other .txt: one or more blank lines
+# The Hugging Face parquet release of TinyStories holds UTF-8 punctuation that was decoded as Windows-1252 and encoded
+# again: “ became â€œ, ’ became â€™. ” ends in byte 0x9D, which Windows-1252 lacks, so only a bare â€ is left of it.
+MOJIBAKE = {c.encode("utf-8").decode("cp1252"): c for c in "“‘’…–—"} | {"â€": "”"}
+MOJIBAKE_RE = re.compile("|".join(map(re.escape, sorted(MOJIBAKE, key=len, reverse=True))))  # longest match first
+
+
+def fix_mojibake(story):
+    return MOJIBAKE_RE.sub(lambda m: MOJIBAKE[m.group()], story) if "â€" in story else story
 
 
 def main(argv=None):
@@ -281,7 +290,8 @@ def main(argv=None):
     # Everything that decides the output, inputs included (local files by size and modification time), so a re-run
     # can tell that data_dir already holds exactly this without reading the corpus.
     settings = dict(version=VERSION, tokenizer=cfg.tokenizer, dtype=dtype, text_column=cfg.text_column,
-                    val_fraction=cfg.val_fraction, seed=cfg.seed, dataset=None if train_files else cfg.dataset,
+                    val_fraction=cfg.val_fraction, seed=cfg.seed, fix_mojibake=cfg.fix_mojibake,
+                    dataset=None if train_files else cfg.dataset,
                     train_files=fingerprint(train_files), val_files=fingerprint(val_files))
     meta = None if cfg.force else read_meta_if_complete(cfg.data_dir, settings)
     if meta:
@@ -466,8 +476,11 @@ def load_sources(cfg, train_files, val_files):
     return train, val, source
 
 
-def read_stories(arrow_files, column, is_txt, chunk_bytes, bar):
-    """Yield lists of stories, about chunk_bytes of text at a time, reading the Arrow files record batch by batch."""
+def read_stories(arrow_files, column, is_txt, chunk_bytes, bar, repair=False):
+    """
+    Yield lists of stories, about chunk_bytes of text at a time, reading the Arrow files record batch by batch;
+    with repair, mis-encoded punctuation is mended (fix_mojibake).
+    """
     import pyarrow as pa
 
     def row_chunks():
@@ -488,7 +501,7 @@ def read_stories(arrow_files, column, is_txt, chunk_bytes, bar):
         yield rows
 
     def keep(stories):  # a story with nothing in it is not a story
-        return [s for s in stories if s and not s.isspace()]
+        return [fix_mojibake(s) if repair else s for s in stories if s and not s.isspace()]
 
     if not is_txt:
         for rows in row_chunks():
@@ -521,7 +534,7 @@ def story_chunks(train, val, cfg, bar):
     rng = random.Random(cfg.seed)
     for split, sources in (("train", train), ("val", val or [])):
         for arrow_files, _, column, is_txt in sources:
-            for stories in read_stories(arrow_files, column, is_txt, int(cfg.chunk_mb * 1e6), bar):
+            for stories in read_stories(arrow_files, column, is_txt, int(cfg.chunk_mb * 1e6), bar, cfg.fix_mojibake):
                 if split == "val":
                     yield [], stories
                 elif val is not None:

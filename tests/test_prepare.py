@@ -113,6 +113,21 @@ def test_column_formats_keep_text_exactly_and_skip_empty_rows(tmp_path):
     assert meta["train"]["stories"] == 3
 
 
+def test_mis_encoded_punctuation_of_the_hub_release_is_repaired(tmp_path):
+    # As in the Hugging Face parquet files: UTF-8 read as Windows-1252; ” lost its last byte.
+    broken = ["â€œHi,â€ said Lily. â€œIâ€™m here.â€", "Wait â€” a dog â€˜ranâ€™ offâ€¦", "Café, naïve: fine."]
+    fixed = ["“Hi,” said Lily. “I’m here.”", "Wait — a dog ‘ran’ off…", "Café, naïve: fine."]
+    assert [prepare.fix_mojibake(s) for s in broken] == fixed
+    write_column_file(tmp_path / "train.parquet", broken)
+    write_column_file(tmp_path / "val.parquet", broken[:1])
+    files = [f"--train_files={tmp_path / 'train.parquet'}", f"--val_files={tmp_path / 'val.parquet'}"]
+    meta = run(tmp_path, *files)
+    assert np.array_equal(tokens(tmp_path / "out", "train"), gpt2_ids(fixed))
+    assert meta["train"]["bytes"] == sum(len(s.encode("utf-8")) for s in fixed)
+    run(tmp_path, *files, "--fix_mojibake=False", out="raw")  # kept as it is when asked
+    assert np.array_equal(tokens(tmp_path / "raw", "train"), gpt2_ids(broken))
+
+
 def test_txt_stories_split_across_chunks_files_and_threads(tmp_path):
     # Many lines and tiny chunks: stories run across chunk boundaries and are carried over; several threads encode at
     # once and the ids still come out in order. The first file does not end in a line break and the next story must
