@@ -47,9 +47,10 @@ class TrainConfig:
     always_save_checkpoint: bool = True  # save at every eval; False keeps only the best val loss
     plot: bool = True  # redraw out_dir/loss.png at every eval
     # data
-    batch_size: int = 64  # sequences per micro-step (per GPU)
+    batch_size: int = 64  # sequences per micro-step (per GPU); lower it when memory runs out
     block_size: int = 512  # context length in tokens
-    gradient_accumulation_steps: int = 4  # micro-steps per optimizer step, over all GPUs together
+    total_batch_size: int = 131072  # tokens per optimizer step; gradient accumulation makes up what batch_size lacks
+    gradient_accumulation_steps: int = 0  # micro-steps per optimizer step over all GPUs; 0 derives it from the above
     # model
     n_layer: int = 8  # transformer blocks
     n_head: int = 8  # attention heads
@@ -91,10 +92,17 @@ def validate(config):
     problems = []
     if c.init_from not in ("scratch", "resume"):
         problems.append(f"--init_from must be 'scratch' or 'resume', got {c.init_from!r}")
-    for name in ("batch_size", "block_size", "gradient_accumulation_steps", "n_layer", "n_head", "n_embd",
+    for name in ("batch_size", "block_size", "total_batch_size", "n_layer", "n_head", "n_embd",
                  "eval_iters", "eval_interval", "log_interval"):
         if getattr(c, name) < 1:
             problems.append(f"--{name} must be at least 1, got {getattr(c, name)}")
+    if c.gradient_accumulation_steps < 0:
+        problems.append(f"--gradient_accumulation_steps must be 0 (derive it) or more, got "
+                        f"{c.gradient_accumulation_steps}")
+    micro_tokens = c.batch_size * c.block_size
+    if not c.gradient_accumulation_steps and micro_tokens >= 1 and c.total_batch_size % micro_tokens:
+        problems.append(f"--total_batch_size={c.total_batch_size} must be a multiple of --batch_size x --block_size = "
+                        f"{micro_tokens} (or set --gradient_accumulation_steps)")
     if c.n_head >= 1 and c.n_embd % c.n_head:
         problems.append(f"--n_embd={c.n_embd} must be a multiple of --n_head={c.n_head}")
     if not 0 <= c.dropout < 1:
@@ -646,10 +654,14 @@ def main(argv=None):
                                              device_id=device if device.type == "cuda" else None)
     else:
         device = pick_device(config.device)
-    if config.gradient_accumulation_steps % world_size:
-        raise UserError(f"--gradient_accumulation_steps={config.gradient_accumulation_steps} must be a multiple of "
-                        f"the number of processes ({world_size})")
-    grad_accum = config.gradient_accumulation_steps // world_size
+    # Micro-steps per optimizer step, over all processes: given (nanoGPT's way), or as many as make total_batch_size
+    # tokens, so that halving --batch_size after running out of memory keeps the step, and the recipe, the same.
+    micro_tokens = config.batch_size * config.block_size
+    micro_steps = config.gradient_accumulation_steps or config.total_batch_size // micro_tokens
+    if micro_steps % world_size:
+        raise UserError(f"{micro_steps} micro-steps per step (--gradient_accumulation_steps, or --total_batch_size / "
+                        f"(--batch_size x --block_size)) must be a multiple of the number of processes ({world_size})")
+    grad_accum = micro_steps // world_size
     master = rank == 0
     dtype = pick_dtype(config.dtype, device)
     compile_model = str(config.compile).lower() == "true" or (str(config.compile).lower() == "auto"
@@ -715,7 +727,8 @@ def main(argv=None):
         if rank:
             torch.manual_seed(config.seed + rank + 1_000_003 * iter_num)
         del checkpoint
-    if master and os.path.exists(log_path) and not config.eval_only:  # a new run starts a new log; a resumed one drops what it will redo
+    # a new run starts a new log; a resumed one drops the rows it will redo
+    if master and os.path.exists(log_path) and not config.eval_only:
         with open(log_path, encoding="utf-8") as f:
             kept = [line for line in f if line.strip() and json.loads(line)["iter"] < iter_num]
         with open(log_path + ".tmp", "w", encoding="utf-8") as f:
@@ -845,5 +858,13 @@ def main(argv=None):
         torch.distributed.destroy_process_group()
 
 
+def main_with_memory_hint(argv=None):
+    try:
+        main(argv)
+    except torch.OutOfMemoryError:
+        raise UserError("out of GPU memory: lower --batch_size (gradient accumulation keeps --total_batch_size tokens "
+                        "per step, so the training stays the same), or --block_size or the model size") from None
+
+
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main_with_memory_hint)

@@ -23,7 +23,7 @@ block_size = 256
 dropout = 0.0
 
 batch_size = 16
-gradient_accumulation_steps = 2
+total_batch_size = 8192  # tokens per step: 2 micro-steps of 16 x 256
 learning_rate = 2e-3
 min_lr = 2e-4
 warmup_iters = 50

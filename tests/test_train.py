@@ -342,6 +342,28 @@ def test_cli_error_is_one_line_without_traceback(data_dir, tmp_path):
     assert err.startswith("train.py: error: --min_lr=1 is above --learning_rate=0.1")
 
 
+def test_total_batch_size_derives_the_micro_steps(data_dir, tmp_path, capsys):
+    # 512 tokens per step from micro-batches of 8 x 32 is 2 micro-steps: the same run as giving the 2 directly
+    run_train(data_dir, tmp_path / "given", "--max_iters=3", "--eval_interval=3")
+    run_train(data_dir, tmp_path / "derived", "--max_iters=3", "--eval_interval=3", "--gradient_accumulation_steps=0",
+              "--total_batch_size=512")
+    assert "2 micro-step(s) of 8 x 32: 512 tokens/iter" in capsys.readouterr().out
+    given, derived = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True)["model"]
+                      for name in ("given", "derived"))
+    assert all(torch.equal(given[k], derived[k]) for k in given)
+    with pytest.raises(UserError, match=r"--total_batch_size=500 must be a multiple of .* = 256"):
+        run_train(data_dir, tmp_path / "bad", "--gradient_accumulation_steps=0", "--total_batch_size=500")
+
+
+def test_out_of_gpu_memory_is_one_line_with_the_fix(monkeypatch):
+    def out_of_memory(argv):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "main", out_of_memory)
+    with pytest.raises(UserError, match="out of GPU memory: lower --batch_size"):
+        train.main_with_memory_hint([])
+
+
 def test_help_documents_every_field():
     proc = _cli("--help")
     out, _ = proc.communicate(timeout=120)
