@@ -160,7 +160,7 @@ def save_tokenizer(checkpoint, out_dir, hf_dir):
         raise UserError(f"the tokenizer in {out_dir} ({ours.vocab_size} tokens) is not the one the model was "
                         f"trained with ({checkpoint['model_args']['vocab_size']}): re-run train.py")
     if meta["tokenizer"] == "gpt2":
-        gpt2_tokenizer_from_tiktoken(ours._tiktoken).save(os.path.join(hf_dir, "tokenizer.json"))
+        gpt2_tokenizer_from_tiktoken(ours.tiktoken_encoding).save(os.path.join(hf_dir, "tokenizer.json"))
     else:  # already a tokenizers file: the very one the data was encoded with
         shutil.copyfile(os.path.join(out_dir, meta["tokenizer_file"]), os.path.join(hf_dir, "tokenizer.json"))
     tokenizer_config = {

@@ -166,22 +166,23 @@ class Tokenizer:
       'gpt2'   tiktoken's GPT-2 BPE (50,257 tokens, end-of-text 50256);
       'bpe:N'  a byte-level BPE of N tokens trained by prepare.py and saved as tokenizer.json.
     encode() never turns special-token text inside a story into a special token: the end-of-text token only ever
-    comes from prepare.py appending it.
+    comes from prepare.py appending it. tiktoken_encoding is tiktoken's Encoding for 'gpt2' (export.py reads it), else
+    None.
     """
 
     def __init__(self, name, tokenizer_file=None):
         self.name = name
         if name == "gpt2":
-            self._tiktoken = _load_tiktoken_gpt2()
-            self.eot_token = self._tiktoken.eot_token
-            self.vocab_size = self._tiktoken.n_vocab
+            self.tiktoken_encoding = _load_tiktoken_gpt2()
+            self.eot_token = self.tiktoken_encoding.eot_token
+            self.vocab_size = self.tiktoken_encoding.n_vocab
         elif name.startswith("bpe:"):
             from tokenizers import Tokenizer as HFTokenizer
 
             if not tokenizer_file or not os.path.exists(tokenizer_file):
                 raise UserError(f"tokenizer {name} needs its tokenizer.json, not found at {tokenizer_file}; "
                                 "re-run prepare.py to make it")
-            self._tiktoken = None
+            self.tiktoken_encoding = None
             self._hf = HFTokenizer.from_file(tokenizer_file)
             self._hf.encode_special_tokens = True  # literal '<|endoftext|>' text stays text (not saved in the file)
             self.eot_token = self._hf.token_to_id(EOT_TEXT)
@@ -190,28 +191,28 @@ class Tokenizer:
             raise UserError(f"unknown tokenizer {name!r}: use gpt2 or bpe:N (for example bpe:4096)")
 
     def encode(self, text):
-        if self._tiktoken is not None:
-            return self._tiktoken.encode_ordinary(text)
+        if self.tiktoken_encoding is not None:
+            return self.tiktoken_encoding.encode_ordinary(text)
         return self._hf.encode(text).ids
 
     def decode(self, ids):
-        if self._tiktoken is not None:
-            return self._tiktoken.decode(ids)
+        if self.tiktoken_encoding is not None:
+            return self.tiktoken_encoding.decode(ids)
         return self._hf.decode(ids, skip_special_tokens=False)
 
     def encode_stories(self, stories):
         """Each story's ids followed by the end-of-text token, in one flat np.uint32 array: what prepare.py writes."""
         import numpy as np
 
-        if self._tiktoken is not None:
+        if self.tiktoken_encoding is not None:
             # One call on the stories joined by the end-of-text text gives the same ids as one call per story (tiktoken
             # splits at special tokens before anything else), about 30% faster, and straight into numpy. The joined text
             # holds one end-of-text per story unless a story contains that text itself: then each story goes alone, as
             # ordinary text.
             text = EOT_TEXT.join(stories) + EOT_TEXT
             if stories and text.count(EOT_TEXT) == len(stories):
-                return self._tiktoken.encode_to_numpy(text, allowed_special={EOT_TEXT})
-            ids = [self._tiktoken.encode_ordinary(s) + [self.eot_token] for s in stories]
+                return self.tiktoken_encoding.encode_to_numpy(text, allowed_special={EOT_TEXT})
+            ids = [self.tiktoken_encoding.encode_ordinary(s) + [self.eot_token] for s in stories]
         else:
             ids = [e.ids + [self.eot_token] for e in self._hf.encode_batch_fast(stories)]
         return np.fromiter(itertools.chain.from_iterable(ids), np.uint32)

@@ -149,7 +149,7 @@ def test_tokenizer_encodes_and_decodes_like_ours(exported):
 def test_tiktoken_merges_reproduce_gpt2_on_a_long_text():
     """The vocabulary and merges derived from tiktoken's ranks give tiktoken's ids on a whole page of text."""
     ours = load_tokenizer({"tokenizer": "gpt2"}, "")
-    backend = export.gpt2_tokenizer_from_tiktoken(ours._tiktoken)
+    backend = export.gpt2_tokenizer_from_tiktoken(ours.tiktoken_encoding)
     backend.encode_special_tokens = True
     text = open(os.path.join(ROOT, "train.py"), encoding="utf-8").read() + "".join(TEXTS) + "".join(random_texts(500))
     assert backend.encode(text).ids == ours.encode(text)
