@@ -42,7 +42,7 @@ class TrainConfig:
     init_from: str = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
     eval_interval: int = 500  # evaluate, log and checkpoint every this many iterations
     log_interval: int = 10  # print a progress line every this many iterations
-    eval_iters: int = 50  # batches per split in each evaluation
+    eval_tokens: int = 1048576  # tokens per split in each evaluation: the same windows whatever --batch_size
     eval_only: bool = False  # evaluate once and exit
     always_save_checkpoint: bool = True  # save at every eval; False keeps only the best val loss
     plot: bool = True  # redraw out_dir/loss.png at every eval
@@ -93,7 +93,7 @@ def validate(config):
     if c.init_from not in ("scratch", "resume"):
         problems.append(f"--init_from must be 'scratch' or 'resume', got {c.init_from!r}")
     for name in ("batch_size", "block_size", "total_batch_size", "n_layer", "n_head", "n_embd",
-                 "eval_iters", "eval_interval", "log_interval"):
+                 "eval_tokens", "eval_interval", "log_interval"):
         if getattr(c, name) < 1:
             problems.append(f"--{name} must be at least 1, got {getattr(c, name)}")
     if c.gradient_accumulation_steps < 0:
@@ -388,18 +388,19 @@ def load_meta(data_dir):
         return json.load(f)
 
 
-def get_batch(data_dir, meta, split, batch_size, block_size, generator, device):
+def get_batch(data_dir, meta, split, batch_size, block_size, generator, device, starts=None):
     """
-    batch_size random windows of block_size + 1 tokens: x is each window's first block_size tokens, y the same
-    shifted by one. The memmap is opened anew for every batch: a long-lived one keeps every page it has touched
-    resident, so memory would grow with the step count (nanoGPT issue #287).
+    batch_size random windows of block_size + 1 tokens (or the windows at starts): x is each window's first
+    block_size tokens, y the same shifted by one. The memmap is opened anew for every batch: a long-lived one keeps
+    every page it has touched resident, so memory would grow with the step count (nanoGPT issue #287).
     """
     info = meta[split]
     data = np.memmap(os.path.join(data_dir, info["file"]), dtype=np.dtype(meta["dtype"]), mode="r")
     if len(data) < block_size + 1:
         raise UserError(f"the {split} split has {len(data)} tokens, fewer than block_size + 1 = {block_size + 1}: "
                         f"use a smaller --block_size or more data")
-    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
+    if starts is None:
+        starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
     windows = torch.from_numpy(data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))  # one gather
     if device.type == "cuda":  # pinned memory lets the copy overlap with the GPU's work
         windows = windows.pin_memory().to(device, non_blocking=True)
@@ -442,22 +443,25 @@ def get_lr(it, config):
 
 
 @torch.no_grad()
-def estimate_loss(model, batch_fn, eval_iters, autocast, seed):
+def estimate_loss(model, batch_fn, meta, eval_tokens, block_size, batch_size, autocast, seed):
     """
-    Mean loss over eval_iters batches of each split. The batches come from a generator seeded the same way at every
-    evaluation, so figures are comparable between evaluations, runs and resumes.
+    Mean loss of each split over eval_tokens // block_size windows. They are drawn from a generator seeded the same
+    way at every evaluation, all at once, so they are the same windows whatever batch_size (which only sets how many
+    go through the model together): figures are comparable between evaluations, runs, resumes and batch sizes.
     """
     model.eval()
     losses = {}
+    n_windows = max(1, eval_tokens // block_size)
     for split in ("train", "val"):
         generator = torch.Generator().manual_seed(seed)
+        starts = torch.randint(max(1, meta[split]["tokens"] - block_size), (n_windows,), generator=generator).numpy()
         total = 0.0
-        for _ in range(eval_iters):
-            x, y = batch_fn(split, generator)
+        for i in range(0, n_windows, batch_size):
+            x, y = batch_fn(split, starts=starts[i:i + batch_size])
             with autocast:
                 _, loss = model(x, y)
-            total = total + loss.float()  # on the device: one sync per split, not per batch
-        losses[split] = float(total) / eval_iters
+            total = total + loss.float() * len(x)  # on the device: one sync per split, not per batch
+        losses[split] = float(total) / n_windows
     model.train()
     return losses
 
@@ -753,8 +757,8 @@ def main(argv=None):
                 else contextlib.nullcontext())
     peak_flops = config.peak_flops or peak_flops_of(device, dtype)
 
-    def batch(split, generator):
-        return get_batch(config.data_dir, meta, split, config.batch_size, block_size, generator, device)
+    def batch(split, generator=None, starts=None):
+        return get_batch(config.data_dir, meta, split, config.batch_size, block_size, generator, device, starts)
 
     def checkpoint_now(val_loss=float("nan")):  # val_loss of exactly these weights, when just evaluated
         return {
@@ -783,7 +787,8 @@ def main(argv=None):
             group["lr"] = lr
 
         if master and (iter_num % config.eval_interval == 0 or iter_num >= config.max_iters or config.eval_only):
-            losses = estimate_loss(model, batch, config.eval_iters, autocast, config.seed)
+            losses = estimate_loss(model, batch, meta, config.eval_tokens, block_size, config.batch_size, autocast,
+                                   config.seed)
             val_bpb = bits_per_byte(losses["val"], meta)
             say(f"eval iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
                 f"val ppl {math.exp(min(losses['val'], 50)):.2f}, val bits/byte {val_bpb:.4f}")

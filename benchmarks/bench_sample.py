@@ -43,7 +43,7 @@ def make_checkpoint(config_name, data_dir, out_dir, device):
     """A ckpt.pt written by train.py itself (one optimizer step on GPT-2 tokens), like any a user would sample."""
     flags = [f"--{k}={v}" for k, v in CONFIGS[config_name].items()] + [
         f"--data_dir={data_dir}", f"--out_dir={out_dir}", f"--device={device}", "--compile=False", "--bias=False",
-        "--batch_size=1", "--gradient_accumulation_steps=1", "--max_iters=1", "--eval_iters=1", "--warmup_iters=0",
+        "--batch_size=1", "--gradient_accumulation_steps=1", "--max_iters=1", "--eval_tokens=1", "--warmup_iters=0",
         "--plot=False"]
     subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags], capture_output=True, text=True,
                    check=True, cwd=ROOT)

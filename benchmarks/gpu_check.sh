@@ -27,17 +27,17 @@ $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torc
 
 # The default recipe (8x512, bf16, torch.compile, fused AdamW): tokens/s and MFU once compiled
 step train_default 240 $PY train.py --data_dir="$DATA" --out_dir="$OUT/default" --max_iters=300 --eval_interval=300 \
-  --eval_iters=20 --log_interval=20 --warmup_iters=100 --plot=True
+  --eval_tokens=655360 --log_interval=20 --warmup_iters=100 --plot=True
 # The same without torch.compile, and fp16 with its GradScaler
 step train_eager 90 $PY train.py --data_dir="$DATA" --out_dir="$OUT/eager" --compile=False --max_iters=60 \
-  --eval_interval=60 --eval_iters=5 --log_interval=20 --plot=False
+  --eval_interval=60 --eval_tokens=163840 --log_interval=20 --plot=False
 step train_fp16 90 $PY train.py --data_dir="$DATA" --out_dir="$OUT/fp16" --compile=False --dtype=float16 \
-  --max_iters=40 --eval_interval=20 --eval_iters=5 --log_interval=20 --plot=False
+  --max_iters=40 --eval_interval=20 --eval_tokens=163840 --log_interval=20 --plot=False
 # Resume the fp16 run for 20 more steps; then NCCL under torchrun (one process)
 step resume_fp16 90 $PY train.py --data_dir="$DATA" --out_dir="$OUT/fp16" --compile=False --dtype=float16 \
-  --init_from=resume --max_iters=60 --eval_interval=20 --eval_iters=5 --log_interval=20 --plot=False
+  --init_from=resume --max_iters=60 --eval_interval=20 --eval_tokens=163840 --log_interval=20 --plot=False
 step torchrun_nccl 120 torchrun --standalone --nproc_per_node=1 train.py --data_dir="$DATA" --out_dir="$OUT/ddp" \
-  --compile=False --max_iters=20 --eval_interval=20 --eval_iters=5 --log_interval=10 --plot=False
+  --compile=False --max_iters=20 --eval_interval=20 --eval_tokens=163840 --log_interval=10 --plot=False
 # Sampling from a checkpoint (the compiled run's; CKPT=dir for another), on the GPU and loaded across to the CPU
 CKPT=${CKPT:-$OUT/default}
 step sample_cuda 60 $PY sample.py --out_dir="$CKPT" --prompt="Once upon a time" --num_samples=2 \

@@ -13,7 +13,7 @@ data_dir = "data/tinystories-bpe4096"
 device = "cpu"
 compile = "False"
 eval_interval = 100
-eval_iters = 20
+eval_tokens = 81920  # 320 windows of 256 tokens per split
 log_interval = 20
 
 n_layer = 4

@@ -50,7 +50,7 @@ def test_prepare_train_resume_sample(tmp_path, tokenizer):
 
     model = ["--n_layer=2", "--n_head=2", "--n_embd=48", "--block_size=64", "--batch_size=8",
              "--gradient_accumulation_steps=1", "--learning_rate=3e-3", "--min_lr=3e-4", "--warmup_iters=5",
-             "--lr_decay_iters=60", "--eval_iters=4", "--eval_interval=20", "--log_interval=10", "--device=cpu"]
+             "--lr_decay_iters=60", "--eval_tokens=2048", "--eval_interval=20", "--log_interval=10", "--device=cpu"]
     run("train.py", f"--data_dir={data}", f"--out_dir={out}", "--max_iters=40", *model)
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert log[-1]["iter"] == 40 and log[-1]["val_loss"] < log[0]["val_loss"] - 1.0

@@ -182,7 +182,7 @@ def test_export_of_a_trained_run_loads_in_a_pipeline(tmp_path):
     meta = write_dataset(data_dir)
     train.main([f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--n_layer=1", "--n_head=2", "--n_embd=32",
                 "--block_size=32", "--batch_size=8", "--gradient_accumulation_steps=1", "--max_iters=20",
-                "--eval_interval=10", "--eval_iters=2", "--warmup_iters=2", "--learning_rate=1e-2", "--device=cpu",
+                "--eval_interval=10", "--eval_tokens=512", "--warmup_iters=2", "--learning_rate=1e-2", "--device=cpu",
                 "--compile=False", "--plot=False", "--log_interval=10", "--peak_flops=1e12"])
     export.main([f"--out_dir={out_dir}"])  # hf_dir defaults to out_dir/hf
     hf_dir = os.path.join(out_dir, "hf")

@@ -62,7 +62,7 @@ def ckpt_dir(tmp_path_factory):
                   f"--data_dir={data}", f"--cache_dir={root / 'hf-cache'}"])
     train.main([f"--data_dir={data}", f"--out_dir={out}", "--n_layer=2", "--n_head=2", "--n_embd=64",
                 "--block_size=48", "--batch_size=16", "--gradient_accumulation_steps=1", "--max_iters=250",
-                "--eval_interval=250", "--eval_iters=2", "--log_interval=250", "--learning_rate=4e-3",
+                "--eval_interval=250", "--eval_tokens=1536", "--log_interval=250", "--learning_rate=4e-3",
                 "--min_lr=4e-4", "--warmup_iters=10", "--device=cpu", "--compile=False", "--plot=False"])
     shutil.rmtree(data)
     shutil.rmtree(root / "hf-cache")

@@ -1,5 +1,6 @@
 """train.py on CPU: the model's invariants, the data sampler, the schedule, checkpoints, resume and DDP."""
 
+import contextlib
 import json
 import math
 import os
@@ -18,7 +19,7 @@ from train import GPT, GPTConfig, TrainConfig, get_batch, get_lr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
-        "--gradient_accumulation_steps=2", "--eval_iters=2", "--log_interval=1", "--warmup_iters=2",
+        "--gradient_accumulation_steps=2", "--eval_tokens=512", "--log_interval=1", "--warmup_iters=2",
         "--learning_rate=3e-3", "--min_lr=3e-4", "--device=cpu", "--compile=False", "--plot=False"]
 
 
@@ -147,6 +148,28 @@ def test_get_batch_windows_come_from_the_stream(data_dir):
     windows = {tuple(stream[i:i + 33]) for i in range(len(stream) - 32)}
     for row_x, row_y in zip(x.tolist(), y.tolist()):
         assert tuple(row_x + row_y[-1:]) in windows
+
+
+def test_evaluation_uses_the_same_windows_whatever_the_batch_size(data_dir):
+    meta = train.load_meta(data_dir)
+    model = tiny_model(vocab_size=64, block_size=32).double()  # only the windows may differ, not the arithmetic
+    seen = []
+
+    def batch_fn(batch_size):
+        def batch(split, starts):
+            seen[-1].extend(starts.tolist())
+            return get_batch(data_dir, meta, split, batch_size, 32, None, torch.device("cpu"), starts)
+        return batch
+
+    losses = []
+    for batch_size in (3, 16, 64):
+        seen.append([])
+        losses.append(train.estimate_loss(model, batch_fn(batch_size), meta, 40 * 32, 32, batch_size,
+                                          contextlib.nullcontext(), seed=7))
+    assert seen[0] == seen[1] == seen[2] and len(seen[0]) == 2 * 40
+    for other in losses[1:]:
+        assert other["val"] == pytest.approx(losses[0]["val"], rel=1e-6)
+        assert other["train"] == pytest.approx(losses[0]["train"], rel=1e-6)
 
 
 def test_get_batch_reads_uint32_streams(tmp_path):
