@@ -118,6 +118,23 @@ def test_greedy_text_with_cache_equals_without_on_a_trained_model(loaded):
         generate_text(model, tokenizer, "Mia had", kv_cache=False, **kwargs)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_cpu_linear_for_few_rows_is_nn_linear(bias):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(24, 40, bias=bias).double()
+    for shape in [(1, 1, 24), (3, 1, 24), (1, 5, 24), (32, 24), (2, 20, 24), (24,)]:
+        x = torch.randn(*shape, dtype=torch.float64)
+        y = sample.linear_for_few_rows(linear, x)
+        assert y.shape == linear(x).shape and y.is_contiguous()
+        assert torch.allclose(y, linear(x), rtol=0, atol=1e-12)
+
+
+def test_load_model_gives_cpu_linears_the_few_row_forward(loaded):
+    model, _ = loaded
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.forward.__func__ is sample.linear_for_few_rows for m in linears)
+
+
 # --- sampling controls -------------------------------------------------------
 
 # token:         0     1     2     3     4     5
