@@ -99,10 +99,6 @@ def validate(config):
     if c.gradient_accumulation_steps < 0:
         problems.append(f"--gradient_accumulation_steps must be 0 (derive it) or more, got "
                         f"{c.gradient_accumulation_steps}")
-    micro_tokens = c.batch_size * c.block_size
-    if not c.gradient_accumulation_steps and micro_tokens >= 1 and c.total_batch_size % micro_tokens:
-        problems.append(f"--total_batch_size={c.total_batch_size} must be a multiple of --batch_size x --block_size = "
-                        f"{micro_tokens} (or set --gradient_accumulation_steps)")
     if c.n_head >= 1 and c.n_embd % c.n_head:
         problems.append(f"--n_embd={c.n_embd} must be a multiple of --n_head={c.n_head}")
     if not 0 <= c.dropout < 1:
@@ -635,6 +631,26 @@ def keep_freed_memory():
 # training loop
 
 
+def micro_steps_per_process(config, block_size, world_size):
+    """
+    Micro-steps per optimizer step: given (nanoGPT's --gradient_accumulation_steps), or as many as make
+    --total_batch_size tokens, so that halving --batch_size after running out of memory keeps the step, and the recipe,
+    the same. They count over all processes together and are shared out among them.
+    """
+    micro_tokens = config.batch_size * block_size
+    if not config.gradient_accumulation_steps and config.total_batch_size % micro_tokens:
+        raise UserError(f"--total_batch_size={config.total_batch_size} must be a multiple of --batch_size x "
+                        f"block_size = {micro_tokens} (or set --gradient_accumulation_steps)")
+    micro_steps = config.gradient_accumulation_steps or config.total_batch_size // micro_tokens
+    if micro_steps % world_size:
+        fits = [b for b in range(config.batch_size, 0, -1)
+                if config.total_batch_size % (b * block_size * world_size) == 0]
+        hint = f"; try --batch_size={fits[0]}" if fits and not config.gradient_accumulation_steps else ""
+        raise UserError(f"{micro_steps} micro-steps per step must be a multiple of the number of processes "
+                        f"({world_size}){hint}")
+    return micro_steps // world_size
+
+
 def main(argv=None):
     config = parse_config(TrainConfig, argv, __doc__)
     validate(config)
@@ -658,14 +674,6 @@ def main(argv=None):
                                              device_id=device if device.type == "cuda" else None)
     else:
         device = pick_device(config.device)
-    # Micro-steps per optimizer step, over all processes: given (nanoGPT's way), or as many as make total_batch_size
-    # tokens, so that halving --batch_size after running out of memory keeps the step, and the recipe, the same.
-    micro_tokens = config.batch_size * config.block_size
-    micro_steps = config.gradient_accumulation_steps or config.total_batch_size // micro_tokens
-    if micro_steps % world_size:
-        raise UserError(f"{micro_steps} micro-steps per step (--gradient_accumulation_steps, or --total_batch_size / "
-                        f"(--batch_size x --block_size)) must be a multiple of the number of processes ({world_size})")
-    grad_accum = micro_steps // world_size
     master = rank == 0
     dtype = pick_dtype(config.dtype, device)
     compile_model = str(config.compile).lower() == "true" or (str(config.compile).lower() == "auto"
@@ -679,14 +687,12 @@ def main(argv=None):
             if master:
                 print("note: torch.compile is not available here (no Triton); running eagerly")
             compile_model = False
-    tokens_per_iter = grad_accum * world_size * config.batch_size * config.block_size
     say = print if master else (lambda *args, **kwargs: None)
     if master:
         print_config(config)
     if device.type == "cpu" and config.n_embd >= 512 and config.max_iters >= 1000:
         say("note: these are the GPU defaults; on a CPU try `python train.py configs/tinystories_cpu.py`")
-    say(f"device {device}, dtype {dtype}, compile {compile_model}, {world_size} process(es), "
-        f"{grad_accum} micro-step(s) of {config.batch_size} x {config.block_size}: {tokens_per_iter:,} tokens/iter")
+    say(f"device {device}, dtype {dtype}, compile {compile_model}, {world_size} process(es)")
 
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmuls left outside autocast
@@ -718,8 +724,12 @@ def main(argv=None):
         model.load_state_dict(checkpoint["model"])
     model.to(device)
     model.chunked_loss = device.type == "cpu" and not compile_model and dtype == "float32"
-    block_size = model.config.block_size
+    block_size = model.config.block_size  # the checkpoint's when resuming, whatever --block_size says
     say(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.flops_per_token() / 1e6:.0f} MFLOP/token")
+    grad_accum = micro_steps_per_process(config, block_size, world_size)
+    tokens_per_iter = grad_accum * world_size * config.batch_size * block_size
+    say(f"{grad_accum} micro-step(s) of {config.batch_size} x {block_size} per process: "
+        f"{tokens_per_iter:,} tokens/iter")
     optimizer = configure_optimizer(model, config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
                                     device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")  # fp16 needs loss scaling; bf16 does not
@@ -866,9 +876,11 @@ def main(argv=None):
 def main_with_memory_hint(argv=None):
     try:
         main(argv)
-    except torch.OutOfMemoryError:
-        raise UserError("out of GPU memory: lower --batch_size (gradient accumulation keeps --total_batch_size tokens "
-                        "per step, so the training stays the same), or --block_size or the model size") from None
+    except torch.OutOfMemoryError as e:
+        what = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"out of GPU memory ({what}): lower --batch_size (gradient accumulation then makes up "
+                        "--total_batch_size, so the step stays the same), or --block_size or the model size; or free "
+                        "the GPU from other processes") from None
 
 
 if __name__ == "__main__":

@@ -370,7 +370,7 @@ def test_total_batch_size_derives_the_micro_steps(data_dir, tmp_path, capsys):
     run_train(data_dir, tmp_path / "given", "--max_iters=3", "--eval_interval=3")
     run_train(data_dir, tmp_path / "derived", "--max_iters=3", "--eval_interval=3", "--gradient_accumulation_steps=0",
               "--total_batch_size=512")
-    assert "2 micro-step(s) of 8 x 32: 512 tokens/iter" in capsys.readouterr().out
+    assert "2 micro-step(s) of 8 x 32 per process: 512 tokens/iter" in capsys.readouterr().out
     given, derived = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True)["model"]
                       for name in ("given", "derived"))
     assert all(torch.equal(given[k], derived[k]) for k in given)
@@ -378,12 +378,30 @@ def test_total_batch_size_derives_the_micro_steps(data_dir, tmp_path, capsys):
         run_train(data_dir, tmp_path / "bad", "--gradient_accumulation_steps=0", "--total_batch_size=500")
 
 
+def test_micro_steps_are_shared_among_processes_with_a_hint_when_they_cannot_be():
+    config = TrainConfig()  # 131,072 tokens per step in micro-batches of 64 x 512: 4 micro-steps
+    assert [train.micro_steps_per_process(config, 512, n) for n in (1, 2, 4)] == [4, 2, 1]
+    with pytest.raises(UserError, match=r"4 micro-steps per step must be a multiple of .* \(8\); try --batch_size=32"):
+        train.micro_steps_per_process(config, 512, 8)
+
+
+def test_resume_counts_the_checkpoints_block_size_not_the_flags(data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    run_train(data_dir, out, "--max_iters=2", "--eval_interval=2", "--gradient_accumulation_steps=0",
+              "--total_batch_size=512")  # 8 x 32 a micro-step: 2 of them
+    train.main([f"--data_dir={data_dir}", f"--out_dir={out}", *TINY, "--max_iters=3", "--eval_interval=3",
+                "--init_from=resume", "--gradient_accumulation_steps=0", "--total_batch_size=512",
+                "--block_size=64"])  # a stray flag: the model keeps its 32
+    assert "2 micro-step(s) of 8 x 32 per process: 512 tokens/iter" in capsys.readouterr().out.split("resuming")[1]
+
+
 def test_out_of_gpu_memory_is_one_line_with_the_fix(monkeypatch):
     def out_of_memory(argv):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(train, "main", out_of_memory)
-    with pytest.raises(UserError, match="out of GPU memory: lower --batch_size"):
+    with pytest.raises(UserError, match=r"out of GPU memory \(CUDA out of memory. Tried to allocate 2.00 GiB\): "
+                                        r"lower --batch_size"):
         train.main_with_memory_hint([])
 
 
@@ -421,7 +439,7 @@ def test_ddp_two_processes_match_one(data_dir, tmp_path):
                           "train.py", f"--out_dir={tmp_path}/two", *common], cwd=ROOT, capture_output=True,
                          text=True, timeout=300, env=env)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert "2 process(es), 1 micro-step(s)" in ddp.stdout
+    assert "2 process(es)" in ddp.stdout and "1 micro-step(s) of 8 x 32 per process" in ddp.stdout
     a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["model"]
     for key in a:
