@@ -270,14 +270,17 @@ BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", 
 VAL_SPLITS = ("validation", "valid", "val")
 EOT_LINE = re.compile(r"^<\|endoftext\|>$\n?", re.MULTILINE)  # official TinyStories .txt: a line holding just that
 BLANK_LINES = re.compile(r"\n(?:[ \t]*\n)+")  # any other .txt: one or more blank lines
-# The Hugging Face parquet release of TinyStories holds UTF-8 punctuation that was decoded as Windows-1252 and encoded
-# again: “ became â€œ, ’ became â€™. ” ends in byte 0x9D, which Windows-1252 lacks, so only a bare â€ is left of it.
-MOJIBAKE = {c.encode("utf-8").decode("cp1252"): c for c in "“‘’…–—"} | {"â€": "”"}
-MOJIBAKE_RE = re.compile("|".join(map(re.escape, sorted(MOJIBAKE, key=len, reverse=True))))  # longest match first
+# The Hugging Face parquet release of TinyStories holds UTF-8 punctuation (U+2000-U+203F: bytes E2 80 xx) that was
+# decoded as Windows-1252 and encoded again: “ became â€œ, ’ became â€™. ” ends in byte 0x9D, which Windows-1252
+# lacks, so a bare â€ is left of it. Each byte 0x80-0xBF as Windows-1252 shows it (or as the C1 control it lacks):
+CP1252_BYTE = {bytes([b]).decode("cp1252", errors="ignore") or chr(b): b for b in range(0x80, 0xC0)}
+MOJIBAKE_RE = re.compile("â€([" + re.escape("".join(CP1252_BYTE)) + "]?)")
 
 
 def fix_mojibake(story):
-    return MOJIBAKE_RE.sub(lambda m: MOJIBAKE[m.group()], story) if "â€" in story else story
+    if "â€" not in story:
+        return story
+    return MOJIBAKE_RE.sub(lambda m: bytes([0xE2, 0x80, CP1252_BYTE[m[1]]]).decode() if m[1] else "”", story)
 
 
 def main(argv=None):

@@ -115,8 +115,9 @@ def test_column_formats_keep_text_exactly_and_skip_empty_rows(tmp_path):
 
 def test_mis_encoded_punctuation_of_the_hub_release_is_repaired(tmp_path):
     # As in the Hugging Face parquet files: UTF-8 read as Windows-1252; ” lost its last byte.
-    broken = ["â€œHi,â€ said Lily. â€œIâ€™m here.â€", "Wait â€” a dog â€˜ranâ€™ offâ€¦", "Café, naïve: fine."]
-    fixed = ["“Hi,” said Lily. “I’m here.”", "Wait — a dog ‘ran’ off…", "Café, naïve: fine."]
+    broken = ["â€œHi,â€ said Lily. â€œIâ€™m here.â€", "Wait â€” a dog â€˜ranâ€™ offâ€¦", "Café, naïve: fine.",
+              "â€¢ a bullet, â€\x9d kept whole"]
+    fixed = ["“Hi,” said Lily. “I’m here.”", "Wait — a dog ‘ran’ off…", "Café, naïve: fine.", "• a bullet, ” kept whole"]
     assert [prepare.fix_mojibake(s) for s in broken] == fixed
     write_column_file(tmp_path / "train.parquet", broken)
     write_column_file(tmp_path / "val.parquet", broken[:1])
