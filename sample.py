@@ -112,14 +112,14 @@ def linear_for_few_rows(self, x):
     as (W @ x.T).T, at least two rows wide, runs at memory speed. The 50K x 384 LM head: 8.1 -> 1.9 ms for one row,
     27 -> 2.9 ms for three (benchmarks/README.md).
     """
-    rows = x.reshape(-1, x.size(-1))
-    if rows.size(0) > 32:
+    n = x.numel() // x.size(-1)
+    if n > 32:
         return type(self).forward(self, x)  # nn.Linear's own
-    y = (self.weight @ (rows if rows.size(0) > 1 else rows.expand(2, -1).contiguous()).t()).t()[:rows.size(0)]
-    y = y.contiguous()  # the ops that follow run faster on contiguous rows than on this transposed view
+    rows = x.reshape(n, x.size(-1))
+    y = self.weight.mm((rows if n > 1 else rows.expand(2, -1).contiguous()).t()).t()[:n].contiguous()  # contiguous: faster after
     if self.bias is not None:
-        y = y + self.bias
-    return y.reshape(*x.shape[:-1], y.size(-1))
+        y += self.bias
+    return y.view(*x.shape[:-1], y.size(-1))
 
 
 def read_prompt(prompt):
