@@ -113,10 +113,12 @@ def linear_for_few_rows(self, x):
     27 -> 2.9 ms for three (benchmarks/README.md).
     """
     n = x.numel() // x.size(-1)
-    if n > 32:
+    if not 0 < n <= 32:
         return type(self).forward(self, x)  # nn.Linear's own
     rows = x.reshape(n, x.size(-1))
-    y = self.weight.mm((rows if n > 1 else rows.expand(2, -1).contiguous()).t()).t()[:n].contiguous()  # contiguous: faster after
+    if n == 1:
+        rows = rows.expand(2, -1).contiguous()
+    y = self.weight.mm(rows.t()).t()[:n].contiguous()  # the ops that follow run faster on contiguous rows
     if self.bias is not None:
         y += self.bias
     return y.view(*x.shape[:-1], y.size(-1))
