@@ -148,8 +148,9 @@ def parse_config(config_cls, argv=None, description=""):
 def config_help(config_cls, description=""):
     comments = _field_comments(config_cls)
     lines = [description.strip(), "", "usage: [config_file ...] [--key=value ...] (or --key value)", ""]
-    for f in dataclasses.fields(config_cls):
-        lines.append(f"  --{f.name}={f.default!r:<24} {comments.get(f.name, '')}")
+    flags = [(f"--{f.name}={f.default!r}", comments.get(f.name, "")) for f in dataclasses.fields(config_cls)]
+    width = max(len(flag) for flag, _ in flags)
+    lines += [f"  {flag:<{width}}  {comment}" for flag, comment in flags]
     return "\n".join(lines).lstrip()
 
 
