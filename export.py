@@ -11,8 +11,8 @@ Then, offline or after uploading the folder to the hub:
     print(pipeline("text-generation", model=model, tokenizer=tok)("Once upon a time")[0]["generated_text"])
 
 Our GPT is GPT-2's architecture (learned positions, pre-norm blocks, tanh GELU, LayerNorm eps 1e-5, tied
-embeddings), so the export is a renaming of weights, not a conversion. transformers and safetensors are needed here
-only: train.py and sample.py never import them.
+embeddings), so the export is a renaming of weights, not a conversion. transformers (which brings safetensors) is
+needed here only: train.py and sample.py never import it.
 """
 
 import json
@@ -38,15 +38,19 @@ def main(argv=None):
     cfg = parse_config(ExportConfig, argv, __doc__)
     hf_dir = os.path.abspath(cfg.hf_dir or os.path.join(cfg.out_dir, "hf"))
     checkpoint = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
+    meta, vocab_size = checkpoint["meta"], checkpoint["model_args"]["vocab_size"]
+    tokenizer = load_tokenizer(meta, cfg.out_dir)  # also checks that tiktoken's files or tokenizer.json are there
+    if (tokenizer.vocab_size, tokenizer.eot_token) != (vocab_size, meta["eot_token"]):
+        raise UserError(f"the tokenizer in {cfg.out_dir} ({tokenizer.vocab_size} tokens, end of text "
+                        f"{tokenizer.eot_token}) is not the one the model was trained with ({vocab_size} tokens, end "
+                        f"of text {meta['eot_token']}): re-run train.py")
     if os.path.exists(hf_dir) and not replaceable(hf_dir):
-        raise UserError(f"--hf_dir={cfg.hf_dir} exists and is not an earlier export; give the export a folder of "
+        raise UserError(f"--hf_dir={hf_dir} exists and is not an earlier export; give the export a folder of "
                         "its own (the default is out_dir/hf)")
     try:
-        import safetensors  # noqa: F401  (save_pretrained writes model.safetensors with it)
         import transformers
     except ImportError as e:
-        raise UserError(f"export needs transformers and safetensors ({e}): pip install transformers safetensors"
-                        ) from None
+        raise UserError(f"export needs transformers ({e}): pip install transformers safetensors") from None
     transformers.logging.set_verbosity_error()  # its advice about generation settings is not for our users
     transformers.logging.disable_progress_bar()  # a bar for writing one small file is noise
 
@@ -56,14 +60,14 @@ def main(argv=None):
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(hf_dir)}.tmp-", dir=parent)
         old = tmp + ".old"
     except OSError as e:
-        raise UserError(f"cannot write to --hf_dir={cfg.hf_dir} ({e.strerror}); choose a folder you can write to"
+        raise UserError(f"cannot write to --hf_dir={hf_dir} ({e.strerror}); choose a folder you can write to"
                         ) from None
     try:
         model = hf_model(checkpoint)
         model.save_pretrained(tmp)  # config.json, generation_config.json, model.safetensors
-        save_tokenizer(checkpoint, cfg.out_dir, tmp)
+        save_tokenizer(tokenizer, meta, checkpoint["model_args"]["block_size"], cfg.out_dir, tmp)
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
-            f.write(model_card(checkpoint, cfg.out_dir))
+            f.write(model_card(checkpoint, model))
         umask = os.umask(0)
         os.umask(umask)
         for name in os.listdir(tmp):  # mkdtemp and safetensors make owner-only files; an export is for sharing
@@ -75,7 +79,7 @@ def main(argv=None):
     except OSError as e:
         if os.path.exists(old) and not os.path.exists(hf_dir):
             os.replace(old, hf_dir)  # the failed swap puts the earlier export back
-        raise UserError(f"writing {cfg.hf_dir} failed ({e}); check the free space and permissions") from None
+        raise UserError(f"writing {hf_dir} failed ({e}); check the free space and permissions") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
@@ -111,7 +115,11 @@ def hf_model(checkpoint):
     )
     with torch.device("meta"):  # no time spent on a random init that load_state_dict overwrites at once
         model = GPT2LMHeadModel(config)
-    model.load_state_dict(hf_state_dict(checkpoint["model"], args), strict=True, assign=True)
+    state_dict = hf_state_dict(checkpoint["model"], vocab_size)
+    for name, param in model.state_dict().items():  # GPT-2 always has biases: zeros are exactly bias=False
+        if name.endswith(".bias") and name not in state_dict:
+            state_dict[name] = torch.zeros(param.shape)
+    model.load_state_dict(state_dict, strict=True, assign=True)
     model.tie_weights()
     model.eval()
     # Stop at the end-of-text token, which ends every training story. GPT-2 has no padding token: batches pad with
@@ -121,9 +129,8 @@ def hf_model(checkpoint):
     return model
 
 
-def hf_state_dict(ours, args):
+def hf_state_dict(ours, vocab_size):
     """Our parameter names and layout -> GPT2LMHeadModel's."""
-    n_embd, vocab_size = args["n_embd"], args["vocab_size"]
     sd = {}
     for name, w in ours.items():
         if name == "lm_head.weight":
@@ -134,13 +141,6 @@ def hf_state_dict(ours, args):
         elif name.endswith(".weight") and w.dim() == 2 and ".h." in name:
             w = w.t()  # GPT-2 uses Conv1D, which stores Linear weights transposed: (in, out)
         sd[name] = w.contiguous()
-    if not args["bias"]:  # GPT-2 always has biases: zeros make them no-ops, exactly as bias=False
-        for i in range(args["n_layer"]):
-            p = f"transformer.h.{i}."
-            for name, size in (("ln_1", n_embd), ("ln_2", n_embd), ("attn.c_attn", 3 * n_embd),
-                               ("attn.c_proj", n_embd), ("mlp.c_fc", 4 * n_embd), ("mlp.c_proj", n_embd)):
-                sd[p + name + ".bias"] = torch.zeros(size)
-        sd["transformer.ln_f.bias"] = torch.zeros(n_embd)
     sd["lm_head.weight"] = sd["transformer.wte.weight"]
     return sd
 
@@ -149,16 +149,11 @@ def hf_state_dict(ours, args):
 # tokenizer
 
 
-def save_tokenizer(checkpoint, out_dir, hf_dir):
+def save_tokenizer(ours, meta, block_size, out_dir, hf_dir):
     """
     tokenizer.json (+ tokenizer_config.json) that transformers' AutoTokenizer loads as a plain TokenizersBackend:
     the file's pipeline exactly, with nothing added (no BOS, no prefix space, no clean-up of spaces on decode).
     """
-    meta, block_size = checkpoint["meta"], checkpoint["model_args"]["block_size"]
-    ours = load_tokenizer(meta, out_dir)  # also checks that tiktoken's files or tokenizer.json are there
-    if ours.vocab_size != checkpoint["model_args"]["vocab_size"] or ours.eot_token != meta["eot_token"]:
-        raise UserError(f"the tokenizer in {out_dir} ({ours.vocab_size} tokens) is not the one the model was "
-                        f"trained with ({checkpoint['model_args']['vocab_size']}): re-run train.py")
     if meta["tokenizer"] == "gpt2":
         gpt2_tokenizer_from_tiktoken(ours.tiktoken_encoding).save(os.path.join(hf_dir, "tokenizer.json"))
     else:  # already a tokenizers file: the very one the data was encoded with
@@ -178,16 +173,6 @@ def save_tokenizer(checkpoint, out_dir, hf_dir):
         json.dump(tokenizer_config, f, indent=2)
 
 
-def bytes_to_unicode():
-    """GPT-2's map from the 256 byte values to printable characters: byte-level BPE vocabularies are written in it."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    mapping = {b: chr(b) for b in printable}
-    for b in range(256):
-        if b not in mapping:  # control bytes, space, ...: shifted past 255 in order
-            mapping[b] = chr(256 + len(mapping) - len(printable))
-    return mapping
-
-
 def gpt2_tokenizer_from_tiktoken(enc):
     """
     A tokenizers BPE equal to tiktoken's GPT-2 encoding, from its token ranks alone. tiktoken stores only ranks: the
@@ -195,6 +180,7 @@ def gpt2_tokenizer_from_tiktoken(enc):
     order is what tiktoken does. The pre-tokenizer regex (ByteLevel's) is the same as tiktoken's gpt2 pattern.
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2's byte -> printable character map
 
     ranks = {enc.decode_single_token_bytes(i): i for i in range(enc.n_vocab) if i != enc.eot_token}
     byte_char = bytes_to_unicode()
@@ -228,18 +214,16 @@ def gpt2_tokenizer_from_tiktoken(enc):
 # model card
 
 
-def model_card(checkpoint, out_dir):
+def model_card(checkpoint, model):
     """README.md: what the model is, how it was trained, how good it is and how to use it."""
     meta, args, config = checkpoint["meta"], checkpoint["model_args"], checkpoint["config"]
-    loss, which = checkpoint_val_loss(checkpoint, out_dir)
+    loss, which = checkpoint_val_loss(checkpoint)
     if math.isfinite(loss):
         score = (f"{which} val loss **{loss:.4f}** nats/token (perplexity {math.exp(loss):.2f}), "
                  f"**{bits_per_byte(loss, meta):.4f}** bits per byte")
     else:
         score = "not evaluated yet"
-    padding_rows = checkpoint["model"]["transformer.wte.weight"].size(0) - args["vocab_size"]
-    n_params = sum(v.numel() for k, v in checkpoint["model"].items() if k != "lm_head.weight")  # tied: once
-    n_params -= padding_rows * args["n_embd"]  # as exported
+    n_params = model.num_parameters()  # as exported: no vocabulary padding, the tied head counted once
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
@@ -276,7 +260,7 @@ positions end there.
 """
 
 
-def checkpoint_val_loss(checkpoint, out_dir):
+def checkpoint_val_loss(checkpoint):
     """The val loss of exactly these weights (train.py saves it); else the best one the checkpoint recorded."""
     if math.isfinite(checkpoint.get("val_loss", math.nan)):
         return checkpoint["val_loss"], "final"

@@ -211,7 +211,7 @@ class Tokenizer:
             # holds one end-of-text per story unless a story contains that text itself: then each story goes alone, as
             # ordinary text.
             text = EOT_TEXT.join(stories) + EOT_TEXT
-            if stories and text.count(EOT_TEXT) == len(stories):
+            if text.count(EOT_TEXT) == len(stories):
                 return self.tiktoken_encoding.encode_to_numpy(text, allowed_special={EOT_TEXT})
             ids = [self.tiktoken_encoding.encode_ordinary(s) + [self.eot_token] for s in stories]
         else:
@@ -366,7 +366,7 @@ def check_tokenizer(cfg):
     else:
         raise UserError(f"unknown --tokenizer={cfg.tokenizer}: use gpt2 or bpe:N with N >= 257 (256 bytes + "
                         "end-of-text), for example bpe:4096")
-    fits16 = vocab_size <= 65535
+    fits16 = vocab_size <= 65536  # ids 0 to 65,535
     if cfg.dtype not in ("auto", "uint16", "uint32"):
         raise UserError(f"unknown --dtype={cfg.dtype}: use auto, uint16 or uint32")
     if cfg.dtype == "uint16" and not fits16:
@@ -389,7 +389,7 @@ def find_files(patterns, flag):
 
 
 def fingerprint(files):
-    return [{"path": os.path.abspath(f), "bytes": os.path.getsize(f), "mtime_ns": os.stat(f).st_mtime_ns}
+    return [{"path": os.path.abspath(f), "bytes": (st := os.stat(f)).st_size, "mtime_ns": st.st_mtime_ns}
             for f in files]
 
 
@@ -481,7 +481,7 @@ def load_sources(cfg, train_files, val_files):
     return train, val, source
 
 
-def read_stories(arrow_files, column, is_txt, chunk_bytes, bar, repair=False):
+def read_stories(arrow_files, column, is_txt, chunk_bytes, bar, repair):
     """
     Yield lists of stories, about chunk_bytes of text at a time, reading the Arrow files record batch by batch;
     with repair, mis-encoded punctuation is mended (fix_mojibake).
@@ -575,7 +575,7 @@ def write_tokens(chunks, tokenizer, dtype, train_path, val_path, workers, bar):
     counts = {split: {"tokens": 0, "stories": 0, "bytes": 0} for split in ("train", "val")}
 
     def encode(stories):
-        return tokenizer.encode_stories(stories).astype(dtype), len(stories), len("".join(stories).encode())
+        return tokenizer.encode_stories(stories).astype(dtype), len(stories), sum(len(s.encode()) for s in stories)
 
     def write_oldest():
         for split, future in pending.popleft().items():

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -296,7 +297,7 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.pos += T
         if targets is None:  # generating: only the last position's logits are needed
-            return self.lm_head(x[:, [-1], :]), None
+            return self.lm_head(x[:, -1:, :]), None
         if self.chunked_loss and torch.is_grad_enabled():
             loss = ChunkedLMHeadLoss.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), 256)
             return None, loss
@@ -749,10 +750,8 @@ def main(argv=None):
             f.writelines(kept)
         os.replace(log_path + ".tmp", log_path)
     if master and meta.get("tokenizer_file"):  # sample.py needs only out_dir: the tokenizer travels with ckpt.pt
-        src = os.path.join(config.data_dir, meta["tokenizer_file"])
         dst = os.path.join(config.out_dir, meta["tokenizer_file"])
-        with open(src, "rb") as f_in, open(dst + ".tmp", "wb") as f_out:
-            f_out.write(f_in.read())
+        shutil.copyfile(os.path.join(config.data_dir, meta["tokenizer_file"]), dst + ".tmp")
         os.replace(dst + ".tmp", dst)
 
     raw_model = model  # the bare GPT: its state_dict has no compile/DDP prefixes
