@@ -5,9 +5,11 @@
 # Each step has its own time limit and log, so one failure does not hide the others. Prints a summary at the end.
 # SKIP="name ..." leaves steps out.
 set -u
-DATA=${1:?usage: gpu_check.sh DATA_DIR [OUT_DIR] [TEXT_FILE]}
-OUT=${2:-out-gpu-check}
-TEXT=$(realpath "${3:-../shared/tinystories-sample/valid.txt}")
+DATA=$(realpath "${1:?usage: gpu_check.sh DATA_DIR [OUT_DIR] [TEXT_FILE]}")
+OUT=$(realpath -m "${2:-out-gpu-check}")
+TEXT=${3:+$(realpath "$3")}
+cd "$(dirname "$0")/.."  # the repository root: the scripts are run from there
+TEXT=${TEXT:-$(realpath ../shared/tinystories-sample/valid.txt)}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -22,7 +24,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME
   summary+=("$name rc=$rc $((SECONDS - t0))s")
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || { echo "no CUDA GPU here"; exit 1; }
 $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name())"
 
 # The default recipe (8x512, bf16, torch.compile, fused AdamW): tokens/s and MFU once compiled
@@ -57,3 +59,5 @@ step bench_sample_bf16 120 $PY benchmarks/bench_sample.py --configs=gpu --device
 
 grep -h "^eval\|^model\|^device" "$OUT"/*.log
 printf '%s\n' "${summary[@]}"
+failed=$(printf '%s\n' "${summary[@]}" | grep -vc " rc=0 ")
+exit $((failed > 0))

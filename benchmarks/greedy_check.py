@@ -5,7 +5,8 @@ Does greedy decoding give the same tokens with and without the KV cache, on a re
 
 The two paths run different kernels (one query row against the cache, or the whole window at once), so their logits
 agree only to rounding. In float32 that never decides an argmax in practice; in 16-bit types two logits can round to
-a tie or swap, and the texts then part. Prints, per dtype, whether the texts match and where they first differ.
+a tie or swap, and the texts then part. Prints, per dtype, whether the texts match and where they first differ; exits
+with status 1 if they differ in float32.
 """
 
 import os
@@ -31,6 +32,7 @@ def main(argv=None):
     config = parse_config(GreedyCheckConfig, argv, __doc__)
     import sample
 
+    float32_differs = False
     for dtype in config.dtypes.split(","):
         model, tokenizer = sample.load_model(config.out_dir, device=config.device, dtype=dtype)
         for prompt in config.prompts.split("|"):
@@ -42,6 +44,9 @@ def main(argv=None):
             verdict = "identical" if texts[0] == texts[1] else f"differ from token {first_diff}"
             print(f"{dtype:9} {model.lm_head.weight.device.type:5} {config.max_new_tokens} tokens after "
                   f"{prompt!r}: cached and uncached greedy texts {verdict}", flush=True)
+            float32_differs |= dtype == "float32" and texts[0] != texts[1]
+    if float32_differs:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

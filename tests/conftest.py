@@ -3,6 +3,9 @@
 import os
 import sys
 
+import pytest
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -13,3 +16,15 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(_shared_cache):
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """
+    For modules of tiny models: a second thread only adds synchronisation, and on a busy machine (CI runs test files
+    side by side) OpenMP's waiting threads made training 20x slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

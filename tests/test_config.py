@@ -63,3 +63,6 @@ def test_help_documents_every_field():
     for name, comment in [("n_layer", "number of transformer blocks"), ("compile", "torch.compile the model")]:
         line = next(line for line in text.splitlines() if line.strip().startswith(f"--{name}="))
         assert comment in line
+    for field in dataclasses.fields(DemoConfig):
+        line = next(line for line in text.splitlines() if line.strip().startswith(f"--{field.name}="))
+        assert len(line.split(None, 1)[1]) > 5, line  # a description follows the default

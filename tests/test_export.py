@@ -36,13 +36,7 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: more threads only add synchronisation, which costs 100x on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: these models are tiny
 
 
 def random_texts(n, seed=0):
@@ -250,7 +244,6 @@ def test_what_is_not_an_earlier_export_is_never_replaced(tmp_path, where):
 
 
 def test_train_and_sample_import_without_transformers():
-    modules = ["train"] + (["sample"] if os.path.exists(os.path.join(ROOT, "sample.py")) else [])
-    code = (f"import sys; import {', '.join(modules)}; "
+    code = ("import sys; import train, sample; "
             "assert not {'transformers', 'safetensors'} & set(sys.modules), 'imported transformers'")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

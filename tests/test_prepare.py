@@ -1,5 +1,6 @@
 """prepare.py on tiny corpora made here: token-exact output for every format, meta.json, re-runs, crashes, errors."""
 
+import dataclasses
 import json
 import os
 import random
@@ -275,8 +276,9 @@ def test_kill_9_mid_write_leaves_no_trusted_mismatch(tmp_path):
     deadline = time.time() + 60
     while proc.poll() is None and time.time() < deadline and not (tmp_bin.exists() and tmp_bin.stat().st_size > 0):
         time.sleep(0.005)
+    assert tmp_bin.exists(), "the kill must land while train.bin.tmp is being written"
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.wait() == -signal.SIGKILL
     files = snapshot(tmp_path / "out")
     meta = json.loads(files["meta.json"]) if "meta.json" in files else None
     if meta is not None and meta["settings"]["seed"] == 1337:  # killed before the swap: the old output, whole
@@ -383,4 +385,7 @@ def test_help_lists_every_setting():
     assert result.returncode == 0
     for name in ("dataset", "train_files", "val_fraction", "tokenizer", "data_dir", "force", "num_workers"):
         assert f"--{name}=" in result.stdout
+    for field in dataclasses.fields(prepare.PrepareConfig):
+        line = next(line for line in result.stdout.splitlines() if line.strip().startswith(f"--{field.name}="))
+        assert len(line.split(None, 1)[1]) > 5, line  # a description follows the default
     assert "bpe:N" in result.stdout

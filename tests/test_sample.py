@@ -1,5 +1,6 @@
 """sample.py on CPU: KV cache, sampling controls, seeds, end-of-text, streaming, loading, the CLI and its errors."""
 
+import dataclasses
 import os
 import random
 import shutil
@@ -36,16 +37,7 @@ def write_stories(path, n, seed):
         f.write("\n\n".join(stories) + "\n")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """
-    These models are tiny: a second thread only adds synchronisation, and on a busy machine (CI runs test files side
-    by side) OpenMP's waiting threads made training here 20x slower.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: these models are tiny
 
 
 @pytest.fixture(scope="module")
@@ -313,6 +305,8 @@ def test_help_lists_every_flag():
     for flag in ("out_dir", "prompt", "num_samples", "max_new_tokens", "temperature", "top_k", "top_p", "seed",
                  "device", "dtype", "compile", "kv_cache", "stop_at_eot"):
         assert f"--{flag}=" in result.stdout
+    for field in dataclasses.fields(sample.SampleConfig):
+        assert f"--{field.name}=" in result.stdout
 
 
 def error_of(capsys, *flags):

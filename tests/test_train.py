@@ -1,13 +1,13 @@
 """train.py on CPU: the model's invariants, the data sampler, the schedule, checkpoints, resume and DDP."""
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -123,7 +123,8 @@ def test_tiny_batch_overfits():
 def test_generate_never_samples_padding_ids():
     model = tiny_model(vocab_size=50)
     with torch.no_grad():
-        model.lm_head.weight[50:] = 10.0  # make the padding rows the most likely by far
+        model.lm_head.weight[50:] = 10.0  # with a positive final hidden state, the padding rows are the most likely
+        model.transformer.ln_f.bias.fill_(1.0)
     out = model.generate(torch.zeros((4, 1), dtype=torch.long), 20, temperature=1.0)
     assert out.max().item() < 50
 
@@ -318,16 +319,18 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data_dir, tmp
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 4
 
 
-def test_bfloat16_autocast_on_cpu(data_dir, tmp_path):
+def test_bfloat16_autocast_on_cpu(data_dir, tmp_path, capsys):
     out = tmp_path / "out"
     run_train(data_dir, out, "--max_iters=6", "--eval_interval=6", "--dtype=bfloat16")
+    assert "device cpu, dtype bfloat16," in capsys.readouterr().out
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]
 
 
-def test_torch_compile_on_cpu(data_dir, tmp_path):
+def test_torch_compile_on_cpu(data_dir, tmp_path, capsys):
     out = tmp_path / "out"
     run_train(data_dir, out, "--max_iters=3", "--eval_interval=3", "--compile=True")
+    assert "compile True" in capsys.readouterr().out
     checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
     assert not any(k.startswith("_orig_mod.") for k in checkpoint["model"])
     assert math.isfinite(checkpoint["best_val_loss"])
@@ -412,6 +415,9 @@ def test_help_documents_every_field():
     for name in ("out_dir", "gradient_accumulation_steps", "lr_decay_iters", "compile", "seed"):
         line = next(line for line in out.splitlines() if line.strip().startswith(f"--{name}="))
         assert len(line.split(None, 1)[1]) > 5, line  # a description follows the default
+    for field in dataclasses.fields(TrainConfig):
+        line = next(line for line in out.splitlines() if line.strip().startswith(f"--{field.name}="))
+        assert len(line.split(None, 1)[1]) > 5, line
 
 
 def test_ctrl_c_saves_a_checkpoint(data_dir, tmp_path):
