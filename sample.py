@@ -42,7 +42,7 @@ class SampleConfig:
     top_p: float = 1.0  # sample only from the fewest most likely tokens whose probability reaches top_p, in (0, 1]
     seed: int = 1337  # the same seed, settings and checkpoint give the same text
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
-    dtype: str = "auto"  # weights: auto (= float32, exact and no slower at these sizes), float32, bfloat16, float16
+    dtype: str = "auto"  # auto (float16 weights, float32 math on x86 CPUs; else float32), float32, bfloat16, float16
     compile: bool = False  # torch.compile the model: slow to start (a minute on a CPU, where it ran slower, not faster)
     kv_cache: bool = True  # keep earlier positions' keys and values; False recomputes the whole context every token
     stop_at_eot: bool = True  # end a sample at the end-of-text token (the end of a story)
@@ -81,27 +81,61 @@ def load_model(out_dir="out", device="auto", dtype="auto", compile=False):
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     device = pick_device(device)
-    # float32 by default, also on GPUs. In 16 bits two logits can round to a tie or swap, so greedy text with and
-    # without the KV cache parted after 231 tokens in bf16 on an H200 (never in fp32). Nor is bf16 faster here: one
-    # token of a small model is bound by kernel launches on a GPU (fp32 364 vs bf16 250 tokens/s at 8x512).
-    dtype = "float32" if dtype == "auto" else dtype
     # Loaded onto the CPU first, whatever device it was saved from, then moved: a checkpoint from a GPU loads on a
     # laptop. load_checkpoint uses weights_only=True, checks the version and strips torch.compile/DDP key prefixes.
     checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), map_location="cpu")
     tokenizer = load_tokenizer(checkpoint["meta"], out_dir)  # train.py copied tokenizer.json here for bpe:N
     model = model_from_checkpoint(checkpoint)
     del checkpoint  # the optimizer state in it is as big as the model twice over
+    # On a GPU, float32 by default. In 16-bit arithmetic two logits can round to a tie or swap, so greedy text with and
+    # without the KV cache parted after 231 tokens in bf16 on an H200 (never in fp32). Nor is bf16 faster there: one
+    # token of a small model is bound by kernel launches (fp32 364 vs bf16 250 tokens/s at 8x512). On a CPU, one token
+    # is bound by reading the weights, so they are kept in float16 where the CPU has the kernel for that, and the
+    # arithmetic stays float32 (see linear_with_fp16_weights). Not under torch.compile, which cannot trace the packed
+    # weights and would break its graph at every Linear; nor for weights beyond float16's range.
+    linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
+    fp16_weights = (device.type == "cpu" and dtype in ("auto", "float16") and not compile and has_fp16_weight_kernel()
+                    and max(m.weight.abs().max().item() for m in linears) <= torch.finfo(torch.float16).max)
     # Sampling needs no fp32 master weights: casting them once is faster than autocasting every op.
-    model.eval().to(device=device, dtype=getattr(torch, dtype))
-    if device.type == "cpu":  # a decoding step's matmuls have one row per sample: see linear_for_few_rows
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.forward = types.MethodType(linear_for_few_rows, module)
+    model.eval().to(device=device, dtype=torch.float32 if dtype == "auto" or fp16_weights else getattr(torch, dtype))
+    for module in linears:
+        if fp16_weights:
+            module.fp16_weights = torch.ops.quantized.linear_prepack_fp16(module.weight, module.bias)
+            module.forward = types.MethodType(linear_with_fp16_weights, module)
+        elif device.type == "cpu":
+            module.forward = types.MethodType(linear_for_few_rows, module)
     if compile:
         # Compile the module itself, so the self(...) calls inside generate_tokens run the compiled graph; dynamic
         # shapes, because the context grows by one token at every step.
         model.compile(dynamic=True)
     return model, tokenizer
+
+
+def has_fp16_weight_kernel():
+    """Whether this CPU runs float32 activations against float16 weights (FBGEMM: x86 with AVX2; not ARM)."""
+    import torch
+
+    try:
+        packed = torch.ops.quantized.linear_prepack_fp16(torch.ones(1, 1), None)
+        return torch.ops.quantized.linear_dynamic_fp16(torch.ones(1, 1), packed).item() == 1.0
+    except (AttributeError, NotImplementedError, RuntimeError):  # an op missing from this build, or unsupported
+        return False
+
+
+def linear_with_fp16_weights(self, x):
+    """
+    nn.Linear's forward on a CPU, with the weights read in float16 and the arithmetic done in float32 (FBGEMM's
+    kernel, made for few-row inference: the weights are converted as they are read). One token of each sample is a
+    product of 1 to num_samples rows with every weight matrix, so generation is bound by reading the weights: 119 MB
+    per token in float32 at 6/6/384 with GPT-2's vocabulary, half that here. One sample at 6/6/384: 170 -> 320
+    tokens/s (benchmarks/README.md). The logits are those of float32 arithmetic on the weights rounded to float16,
+    11 significant bits: about 1e-4 of their size apart from float32's. --dtype=float32 keeps the exact weights.
+    """
+    import torch
+
+    if x.dim() == 1:  # the kernel takes rows
+        return torch.ops.quantized.linear_dynamic_fp16(x[None], self.fp16_weights)[0]
+    return torch.ops.quantized.linear_dynamic_fp16(x, self.fp16_weights)
 
 
 def linear_for_few_rows(self, x):

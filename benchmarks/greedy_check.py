@@ -2,11 +2,14 @@
 Does greedy decoding give the same tokens with and without the KV cache, on a real checkpoint, device and dtype?
 
     python benchmarks/greedy_check.py --out_dir=out --device=cuda --dtypes=float32,bfloat16 --max_new_tokens=1200
+    python benchmarks/greedy_check.py --out_dir=out-cpu --device=cpu --dtypes=float32,auto
 
 The two paths run different kernels (one query row against the cache, or the whole window at once), so their logits
-agree only to rounding. In float32 that never decides an argmax in practice; in 16-bit types two logits can round to
-a tie or swap, and the texts then part. Prints, per dtype, whether the texts match and where they first differ; exits
-with status 1 if they differ in float32.
+agree only to rounding. In float32 arithmetic that never decides an argmax in practice; in 16-bit arithmetic two logits
+can round to a tie or swap, and the texts then part. Prints, per dtype, whether the texts match and where they first
+differ, and where the cached text first differs from the first dtype's (with float32 first: how far the rounded weights
+of auto on a CPU, float16 weights with float32 arithmetic, go before their greedy text leaves the exact weights'). Exits
+with status 1 if cached and uncached texts differ for float32 or auto, whose arithmetic is float32.
 """
 
 import os
@@ -32,20 +35,28 @@ def main(argv=None):
     config = parse_config(GreedyCheckConfig, argv, __doc__)
     import sample
 
-    float32_differs = False
+    def first_difference(tokenizer, text, other):
+        ids = [tokenizer.encode(t) for t in (text, other)]
+        return "identical" if text == other else \
+            f"differ from token {next((i for i, (a, b) in enumerate(zip(*ids)) if a != b), min(map(len, ids)))}"
+
+    float32_arithmetic_differs = False
+    first_dtype_texts = {}
     for dtype in config.dtypes.split(","):
         model, tokenizer = sample.load_model(config.out_dir, device=config.device, dtype=dtype)
         for prompt in config.prompts.split("|"):
             texts = [sample.generate_text(model, tokenizer, prompt, max_new_tokens=config.max_new_tokens,
                                           temperature=0.0, kv_cache=kv_cache, stop_at_eot=False)[0]
                      for kv_cache in (True, False)]
-            ids = [tokenizer.encode(text) for text in texts]
-            first_diff = next((i for i, (a, b) in enumerate(zip(*ids)) if a != b), None)
-            verdict = "identical" if texts[0] == texts[1] else f"differ from token {first_diff}"
+            first_dtype_texts.setdefault(prompt, (dtype, texts[0]))
             print(f"{dtype:9} {model.lm_head.weight.device.type:5} {config.max_new_tokens} tokens after "
-                  f"{prompt!r}: cached and uncached greedy texts {verdict}", flush=True)
-            float32_differs |= dtype == "float32" and texts[0] != texts[1]
-    if float32_differs:
+                  f"{prompt!r}: cached and uncached greedy texts {first_difference(tokenizer, *texts)}", flush=True)
+            first_dtype, first_text = first_dtype_texts[prompt]
+            if first_dtype != dtype:
+                print(f"{'':15} cached greedy texts of {first_dtype} and {dtype} "
+                      f"{first_difference(tokenizer, first_text, texts[0])}", flush=True)
+            float32_arithmetic_differs |= dtype in ("float32", "auto") and texts[0] != texts[1]
+    if float32_arithmetic_differs:
         sys.exit(1)
 
 

@@ -66,6 +66,14 @@ def loaded(ckpt_dir):
     return load_model(ckpt_dir, device="cpu")
 
 
+@pytest.fixture(scope="module")
+def loaded_fp32(ckpt_dir):
+    return load_model(ckpt_dir, device="cpu", dtype="float32")
+
+
+needs_fp16_kernel = pytest.mark.skipif(not sample.has_fp16_weight_kernel(), reason="no FBGEMM fp16 kernel (not x86)")
+
+
 def sharp_random_model(seed, block_size=16, vocab_size=50):
     """An untrained model whose weights are scaled up, so its next token depends strongly on the whole context."""
     torch.manual_seed(seed)
@@ -103,8 +111,9 @@ def test_cache_runs_one_position_per_token_and_slides_rarely():
     assert sum(lengths) < 2.5 * 100  # against 100 * 16 without the cache
 
 
-def test_greedy_text_with_cache_equals_without_on_a_trained_model(loaded):
-    model, tokenizer = loaded
+@pytest.mark.parametrize("weights", ["auto", "float32"])
+def test_greedy_text_with_cache_equals_without_on_a_trained_model(request, weights):
+    model, tokenizer = request.getfixturevalue("loaded" if weights == "auto" else "loaded_fp32")
     kwargs = dict(max_new_tokens=3 * model.config.block_size, temperature=0, stop_at_eot=False)
     assert generate_text(model, tokenizer, "Mia had", kv_cache=True, **kwargs) == \
         generate_text(model, tokenizer, "Mia had", kv_cache=False, **kwargs)
@@ -121,10 +130,54 @@ def test_cpu_linear_for_few_rows_is_nn_linear(bias):
         assert torch.allclose(y, linear(x), rtol=0, atol=1e-12)
 
 
-def test_load_model_gives_cpu_linears_the_few_row_forward(loaded):
-    model, _ = loaded
+def test_load_model_gives_cpu_linears_the_few_row_forward(loaded_fp32):
+    model, _ = loaded_fp32
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(m.forward.__func__ is sample.linear_for_few_rows for m in linears)
+    assert model.lm_head.weight.dtype == torch.float32
+
+
+@needs_fp16_kernel
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_with_fp16_weights_is_float32_arithmetic_on_rounded_weights(bias):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 40, bias=bias)
+    linear.fp16_weights = torch.ops.quantized.linear_prepack_fp16(linear.weight, linear.bias)
+    rounded = linear.weight.detach().half().double()
+    for shape in [(1, 1, 48), (3, 1, 48), (1, 5, 48), (32, 48), (2, 20, 48), (48,), (0, 48)]:
+        x = torch.randn(*shape)
+        y = sample.linear_with_fp16_weights(linear, x)
+        expected = x.double() @ rounded.T + (linear.bias.double() if bias else 0)
+        assert y.dtype == torch.float32 and y.shape == linear(x).shape
+        assert torch.allclose(y.double(), expected, rtol=0, atol=1e-5)  # float32 arithmetic on the rounded weights
+        assert not torch.equal(y, linear(x)) or x.numel() == 0  # ... which are not the float32 weights
+
+
+@needs_fp16_kernel
+def test_cpu_default_reads_float16_weights_and_keeps_float32_logits(loaded, loaded_fp32):
+    model, _ = loaded
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.forward.__func__ is sample.linear_with_fp16_weights for m in linears)
+    idx = torch.randint(0, model.config.vocab_size, (2, model.config.block_size),
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(idx)[0]
+        exact = loaded_fp32[0](idx)[0]
+    assert logits.dtype == torch.float32
+    assert 0 < (logits - exact).abs().max() < 1e-3 * exact.abs().max()
+
+
+def test_cpu_without_the_fp16_kernel_or_with_huge_weights_stays_float32(ckpt_dir, monkeypatch, tmp_path):
+    monkeypatch.setattr(sample, "has_fp16_weight_kernel", lambda: False)  # as on an ARM CPU
+    model, _ = load_model(ckpt_dir, device="cpu")
+    assert model.lm_head.forward.__func__ is sample.linear_for_few_rows
+    monkeypatch.undo()
+    checkpoint = torch.load(os.path.join(ckpt_dir, "ckpt.pt"), weights_only=True)
+    checkpoint["model"]["transformer.h.0.mlp.c_fc.weight"][0, 0] = 1e5  # past float16's 65,504
+    torch.save(checkpoint, tmp_path / "ckpt.pt")
+    shutil.copy(os.path.join(ckpt_dir, "tokenizer.json"), tmp_path / "tokenizer.json")
+    model, _ = load_model(str(tmp_path), device="cpu")
+    assert model.lm_head.forward.__func__ is sample.linear_for_few_rows
 
 
 # --- sampling controls -------------------------------------------------------
