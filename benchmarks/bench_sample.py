@@ -12,6 +12,8 @@ a real ckpt.pt, loaded through sample.py's own load path; the weights barely mat
                 the same for any number of samples: it is run with one.
   no-cache      sample.generate_text(kv_cache=False): the whole context re-run for every token, as nanoGPT does.
   cache         sample.generate_text(kv_cache=True), the default.
+no-cache and cache load the model with sample.py's --dtype (auto: on an x86 CPU, float16 weights with float32
+arithmetic; --dtype=float32 for the exact weights); nanoGPT's loop runs the float32 weights, as nanoGPT does.
 Settings: prompt "Once upon a time", temperature 0.8, top_k 200 (nanoGPT's defaults), stop_at_eot=False so every
 sample runs its full length. tokens/s = samples x new tokens / generation time. A measurement taking over
 --long seconds is run once. Then the whole `python sample.py` process is timed against its generation alone.
