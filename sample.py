@@ -83,10 +83,10 @@ def load_model(out_dir="out", device="auto", dtype="auto", compile=False):
     device = pick_device(device)
     # Loaded onto the CPU first, whatever device it was saved from, then moved: a checkpoint from a GPU loads on a
     # laptop. load_checkpoint uses weights_only=True, checks the version and strips torch.compile/DDP key prefixes.
-    checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), map_location="cpu")
+    checkpoint = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", mmap=True)
     tokenizer = load_tokenizer(checkpoint["meta"], out_dir)  # train.py copied tokenizer.json here for bpe:N
     model = model_from_checkpoint(checkpoint)
-    del checkpoint  # the optimizer state in it is as big as the model twice over
+    del checkpoint  # (the model has copied the weights out of the mapped file)
     # On a GPU, float32 by default. In 16-bit arithmetic two logits can round to a tie or swap, so greedy text with and
     # without the KV cache parted after 231 tokens in bf16 on an H200 (never in fp32). Nor is bf16 faster there: one
     # token of a small model is bound by kernel launches (fp32 364 vs bf16 250 tokens/s at 8x512). On a CPU, one token

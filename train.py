@@ -512,11 +512,16 @@ def strip_prefixes(state_dict):
     return clean
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path, map_location="cpu", mmap=False):
+    """
+    The checkpoint at path, checked. mmap=True reads tensors only when they are used: sample.py and export.py
+    never touch the optimizer state, two thirds of the file. (Not for resuming: the optimizer would keep the file
+    mapped, and on Windows a mapped file cannot be replaced by the next checkpoint.)
+    """
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}: train one with train.py, or point --out_dir at its folder")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
         raise UserError(f"{path} is not a readable slm checkpoint ({type(e).__name__}): re-save it with train.py") \
             from None
