@@ -37,7 +37,7 @@ class ExportConfig:
 def main(argv=None):
     cfg = parse_config(ExportConfig, argv, __doc__)
     hf_dir = os.path.abspath(cfg.hf_dir or os.path.join(cfg.out_dir, "hf"))
-    checkpoint = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), mmap=True)  # the optimizer state is never read
+    checkpoint = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
     meta, vocab_size = checkpoint["meta"], checkpoint["model_args"]["vocab_size"]
     tokenizer = load_tokenizer(meta, cfg.out_dir)  # also checks that tiktoken's files or tokenizer.json are there
     if (tokenizer.vocab_size, tokenizer.eot_token) != (vocab_size, meta["eot_token"]):

@@ -73,7 +73,10 @@ def check_settings(temperature, top_k, top_p, num_samples=1, max_new_tokens=0):
 
 
 def load_model(out_dir="out", device="auto", dtype="auto", compile=False):
-    """(model, tokenizer) from out_dir/ckpt.pt, in eval mode on the device, its weights in dtype."""
+    """
+    (model, tokenizer) from out_dir/ckpt.pt, in eval mode on the device, its weights in dtype: float32, bfloat16 or
+    float16 for the whole model; auto for float32, with the Linears reading a float16 copy on an x86 CPU.
+    """
     import torch
 
     from train import load_checkpoint, model_from_checkpoint, pick_device
@@ -87,17 +90,18 @@ def load_model(out_dir="out", device="auto", dtype="auto", compile=False):
     tokenizer = load_tokenizer(checkpoint["meta"], out_dir)  # train.py copied tokenizer.json here for bpe:N
     model = model_from_checkpoint(checkpoint)
     del checkpoint  # (the model has copied the weights out of the mapped file)
-    # On a GPU, float32 by default. In 16-bit arithmetic two logits can round to a tie or swap, so greedy text with and
+    # auto is float32 on a GPU. In 16-bit arithmetic two logits can round to a tie or swap, so greedy text with and
     # without the KV cache parted after 231 tokens in bf16 on an H200 (never in fp32). Nor is bf16 faster there: one
-    # token of a small model is bound by kernel launches (fp32 364 vs bf16 250 tokens/s at 8x512). On a CPU, one token
-    # is bound by reading the weights, so they are kept in float16 where the CPU has the kernel for that, and the
-    # arithmetic stays float32 (see linear_with_fp16_weights). Not under torch.compile, which cannot trace the packed
-    # weights and would break its graph at every Linear; nor for weights beyond float16's range.
+    # token of a small model is bound by kernel launches (fp32 364 vs bf16 250 tokens/s at 8x512). On a CPU one token
+    # is bound by reading the weights, so auto reads a float16 copy of them where the CPU has the kernel for that, and
+    # the arithmetic stays float32 (see linear_with_fp16_weights). Not under torch.compile, which cannot trace the
+    # packed copy and would break its graph at every Linear, nor for weights beyond float16's range.
     linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
-    fp16_weights = (device.type == "cpu" and dtype in ("auto", "float16") and not compile and has_fp16_weight_kernel()
-                    and max(m.weight.abs().max().item() for m in linears) <= torch.finfo(torch.float16).max)
+    fp16_weights = dtype == "auto" and device.type == "cpu" and not compile and has_fp16_weight_kernel()
+    if fp16_weights:
+        fp16_weights = max(m.weight.abs().max().item() for m in linears) <= torch.finfo(torch.float16).max
     # Sampling needs no fp32 master weights: casting them once is faster than autocasting every op.
-    model.eval().to(device=device, dtype=torch.float32 if dtype == "auto" or fp16_weights else getattr(torch, dtype))
+    model.eval().to(device=device, dtype=torch.float32 if dtype == "auto" else getattr(torch, dtype))
     for module in linears:
         if fp16_weights:
             module.fp16_weights = torch.ops.quantized.linear_prepack_fp16(module.weight, module.bias)
@@ -124,12 +128,13 @@ def has_fp16_weight_kernel():
 
 def linear_with_fp16_weights(self, x):
     """
-    nn.Linear's forward on a CPU, with the weights read in float16 and the arithmetic done in float32 (FBGEMM's
-    kernel, made for few-row inference: the weights are converted as they are read). One token of each sample is a
-    product of 1 to num_samples rows with every weight matrix, so generation is bound by reading the weights: 119 MB
-    per token in float32 at 6/6/384 with GPT-2's vocabulary, half that here. One sample at 6/6/384: 170 -> 320
-    tokens/s (benchmarks/README.md). The logits are those of float32 arithmetic on the weights rounded to float16,
-    11 significant bits: about 1e-4 of their size apart from float32's. --dtype=float32 keeps the exact weights.
+    nn.Linear's forward on a CPU, reading a float16 copy of the weights (self.fp16_weights, packed by load_model) and
+    doing the arithmetic in float32: FBGEMM's kernel for few-row inference converts the weights as it reads them. One
+    token of each sample is a product of 1 to num_samples rows with every weight matrix, so generation is bound by
+    reading the weights: 119 MB per token in float32 at 6/6/384 with GPT-2's vocabulary, half that here. One sample at
+    6/6/384: 190 -> 309 tokens/s (benchmarks/README.md). The logits are float32 arithmetic on the weights rounded to
+    11 significant bits: they move by about 2e-4 of the largest. The copy is a snapshot: changing self.weight later
+    does not change it. --dtype=float32 reads the exact weights.
     """
     import torch
 

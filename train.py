@@ -514,9 +514,9 @@ def strip_prefixes(state_dict):
 
 def load_checkpoint(path, map_location="cpu", mmap=False):
     """
-    The checkpoint at path, checked. mmap=True reads tensors only when they are used: sample.py and export.py
-    never touch the optimizer state, two thirds of the file. (Not for resuming: the optimizer would keep the file
-    mapped, and on Windows a mapped file cannot be replaced by the next checkpoint.)
+    The checkpoint at path, checked. mmap=True reads tensors only when they are used: sample.py never touches the
+    optimizer state, two thirds of the file, and copies the weights out at once. (Only for such a use: a tensor still
+    viewing the mapped file keeps it open, and on Windows an open file cannot be replaced by the next checkpoint.)
     """
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}: train one with train.py, or point --out_dir at its folder")

@@ -7,9 +7,10 @@ Does greedy decoding give the same tokens with and without the KV cache, on a re
 The two paths run different kernels (one query row against the cache, or the whole window at once), so their logits
 agree only to rounding. In float32 arithmetic that never decides an argmax in practice; in 16-bit arithmetic two logits
 can round to a tie or swap, and the texts then part. Prints, per dtype, whether the texts match and where they first
-differ, and where the cached text first differs from the first dtype's (with float32 first: how far the rounded weights
-of auto on a CPU, float16 weights with float32 arithmetic, go before their greedy text leaves the exact weights'). Exits
-with status 1 if cached and uncached texts differ for float32 or auto, whose arithmetic is float32.
+differ (in generated tokens), and where the cached tokens first differ from the first dtype's (with float32 first: how
+far the rounded weights of auto on a CPU, float16 weights with float32 arithmetic, go before their greedy text leaves
+the exact weights'). Exits with status 1 if cached and uncached differ for float32 or auto, whose arithmetic is
+float32.
 """
 
 import os
@@ -31,31 +32,34 @@ class GreedyCheckConfig:
     max_new_tokens: int = 1200  # past block_size, so the window slides at least once at the default block sizes
 
 
+def first_difference(tokens, other):
+    """'identical', or the first generation step at which two greedy token sequences differ."""
+    step = next((i for i, (a, b) in enumerate(zip(tokens, other)) if a != b), None)
+    return "identical" if step is None else f"differ from generated token {step}"
+
+
 def main(argv=None):
     config = parse_config(GreedyCheckConfig, argv, __doc__)
+    import torch
+
     import sample
 
-    def first_difference(tokenizer, text, other):
-        ids = [tokenizer.encode(t) for t in (text, other)]
-        return "identical" if text == other else \
-            f"differ from token {next((i for i, (a, b) in enumerate(zip(*ids)) if a != b), min(map(len, ids)))}"
-
     float32_arithmetic_differs = False
-    first_dtype_texts = {}
+    first_dtype_tokens = {}  # prompt -> (the first dtype, its cached greedy tokens)
     for dtype in config.dtypes.split(","):
         model, tokenizer = sample.load_model(config.out_dir, device=config.device, dtype=dtype)
+        device = model.lm_head.weight.device
         for prompt in config.prompts.split("|"):
-            texts = [sample.generate_text(model, tokenizer, prompt, max_new_tokens=config.max_new_tokens,
-                                          temperature=0.0, kv_cache=kv_cache, stop_at_eot=False)[0]
-                     for kv_cache in (True, False)]
-            first_dtype_texts.setdefault(prompt, (dtype, texts[0]))
-            print(f"{dtype:9} {model.lm_head.weight.device.type:5} {config.max_new_tokens} tokens after "
-                  f"{prompt!r}: cached and uncached greedy texts {first_difference(tokenizer, *texts)}", flush=True)
-            first_dtype, first_text = first_dtype_texts[prompt]
+            idx = torch.tensor([sample.encode_prompt(tokenizer, prompt, model.config.block_size)], device=device)
+            cached, uncached = [model.generate(idx, config.max_new_tokens, temperature=0, kv_cache=kv_cache)
+                                [0, idx.size(1):].tolist() for kv_cache in (True, False)]
+            print(f"{dtype:9} {device.type:5} {config.max_new_tokens} tokens after {prompt!r}: cached and uncached "
+                  f"greedy tokens {first_difference(cached, uncached)}", flush=True)
+            first_dtype, first_tokens = first_dtype_tokens.setdefault(prompt, (dtype, cached))
             if first_dtype != dtype:
-                print(f"{'':15} cached greedy texts of {first_dtype} and {dtype} "
-                      f"{first_difference(tokenizer, first_text, texts[0])}", flush=True)
-            float32_arithmetic_differs |= dtype in ("float32", "auto") and texts[0] != texts[1]
+                print(f"{'':15} cached greedy tokens of {first_dtype} and {dtype} "
+                      f"{first_difference(first_tokens, cached)}", flush=True)
+            float32_arithmetic_differs |= dtype in ("float32", "auto") and cached != uncached
     if float32_arithmetic_differs:
         sys.exit(1)
 

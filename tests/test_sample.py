@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import platform
 import random
 import shutil
 import subprocess
@@ -71,7 +72,8 @@ def loaded_fp32(ckpt_dir):
     return load_model(ckpt_dir, device="cpu", dtype="float32")
 
 
-needs_fp16_kernel = pytest.mark.skipif(not sample.has_fp16_weight_kernel(), reason="no FBGEMM fp16 kernel (not x86)")
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+needs_fp16_kernel = pytest.mark.skipif(not X86, reason="FBGEMM's float16-weight kernel is x86 only")
 
 
 def sharp_random_model(seed, block_size=16, vocab_size=50):
@@ -167,17 +169,34 @@ def test_cpu_default_reads_float16_weights_and_keeps_float32_logits(loaded, load
     assert 0 < (logits - exact).abs().max() < 1e-3 * exact.abs().max()
 
 
-def test_cpu_without_the_fp16_kernel_or_with_huge_weights_stays_float32(ckpt_dir, monkeypatch, tmp_path):
+@needs_fp16_kernel
+def test_x86_cpus_have_the_fp16_weight_kernel():
+    assert sample.has_fp16_weight_kernel()  # else the default would silently fall back to float32 on every x86 CPU
+
+
+def test_cpu_without_the_fp16_kernel_stays_float32(ckpt_dir, monkeypatch):
     monkeypatch.setattr(sample, "has_fp16_weight_kernel", lambda: False)  # as on an ARM CPU
     model, _ = load_model(ckpt_dir, device="cpu")
     assert model.lm_head.forward.__func__ is sample.linear_for_few_rows
-    monkeypatch.undo()
+    assert model.lm_head.weight.dtype == torch.float32
+
+
+@needs_fp16_kernel
+def test_weights_beyond_float16_range_or_compile_stay_float32(ckpt_dir, tmp_path):
     checkpoint = torch.load(os.path.join(ckpt_dir, "ckpt.pt"), weights_only=True)
     checkpoint["model"]["transformer.h.0.mlp.c_fc.weight"][0, 0] = 1e5  # past float16's 65,504
     torch.save(checkpoint, tmp_path / "ckpt.pt")
     shutil.copy(os.path.join(ckpt_dir, "tokenizer.json"), tmp_path / "tokenizer.json")
     model, _ = load_model(str(tmp_path), device="cpu")
     assert model.lm_head.forward.__func__ is sample.linear_for_few_rows
+    model, _ = load_model(ckpt_dir, device="cpu", compile=True)  # compiles lazily, at the first call: not here
+    assert model.lm_head.forward.__func__ is sample.linear_for_few_rows
+
+
+def test_explicit_float16_is_the_whole_model_in_float16(ckpt_dir):
+    model, tokenizer = load_model(ckpt_dir, device="cpu", dtype="float16")
+    assert model.lm_head.weight.dtype == torch.float16 and not hasattr(model.lm_head, "fp16_weights")
+    assert generate_text(model, tokenizer, "Tom", max_new_tokens=5, temperature=0, stop_at_eot=False)[0]
 
 
 # --- sampling controls -------------------------------------------------------
