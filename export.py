@@ -38,12 +38,8 @@ def main(argv=None):
     cfg = parse_config(ExportConfig, argv, __doc__)
     hf_dir = os.path.abspath(cfg.hf_dir or os.path.join(cfg.out_dir, "hf"))
     checkpoint = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
-    meta, vocab_size = checkpoint["meta"], checkpoint["model_args"]["vocab_size"]
-    tokenizer = load_tokenizer(meta, cfg.out_dir)  # also checks that tiktoken's files or tokenizer.json are there
-    if (tokenizer.vocab_size, tokenizer.eot_token) != (vocab_size, meta["eot_token"]):
-        raise UserError(f"the tokenizer in {cfg.out_dir} ({tokenizer.vocab_size} tokens, end of text "
-                        f"{tokenizer.eot_token}) is not the one the model was trained with ({vocab_size} tokens, end "
-                        f"of text {meta['eot_token']}): re-run train.py")
+    meta = checkpoint["meta"]
+    tokenizer = load_tokenizer(meta, cfg.out_dir)  # checks tiktoken's files or tokenizer.json, and that they match
     if os.path.exists(hf_dir) and not replaceable(hf_dir):
         raise UserError(f"--hf_dir={hf_dir} exists and is not an earlier export; give the export a folder of "
                         "its own (the default is out_dir/hf)")

@@ -57,7 +57,7 @@ def _field_comments(config_cls):
 
 def _convert(text, kind, key):
     """Turn one command-line string (or a config-file value) into the field's type, or say why not."""
-    if kind is str:
+    if kind is str and isinstance(text, (bool, int, float)):
         return str(text)  # a config file's `compile = False` is the string 'False' to a str field
     if not isinstance(text, str):  # config files give typed values already
         if kind is float and isinstance(text, int) and not isinstance(text, bool):
@@ -139,7 +139,7 @@ def parse_config(config_cls, argv=None, description=""):
             set_value(key, value, "the command line")
         else:  # --key value, as in `python sample.py --prompt "Once upon a time"`
             value = next(args, None)
-            if value is None:
+            if value is None or value.startswith("--"):
                 raise UserError(f"{arg} needs a value: --key=value or --key value")
             set_value(arg[2:], value, "the command line")
     return config_cls(**values)
@@ -220,9 +220,18 @@ class Tokenizer:
 
 
 def load_tokenizer(meta, data_dir):
-    """The Tokenizer that made a dataset, from its meta.json and the folder that holds it."""
+    """
+    The Tokenizer that made a dataset, from its meta.json and the folder that holds it (a data folder, or a run's
+    out_dir, where train.py copies tokenizer.json), checked against the vocabulary size and end-of-text id in meta.
+    """
     tokenizer_file = meta.get("tokenizer_file")
-    return Tokenizer(meta["tokenizer"], tokenizer_file and os.path.join(data_dir, tokenizer_file))
+    tokenizer = Tokenizer(meta["tokenizer"], tokenizer_file and os.path.join(data_dir, tokenizer_file))
+    made_with = (meta.get("vocab_size"), meta.get("eot_token"))
+    if None not in made_with and made_with != (tokenizer.vocab_size, tokenizer.eot_token):
+        raise UserError(f"the tokenizer in {data_dir} ({tokenizer.vocab_size} tokens, end of text "
+                        f"{tokenizer.eot_token}) is not the one the data was made with ({made_with[0]} tokens, end "
+                        f"of text {made_with[1]}): put back that run's {tokenizer_file}, or re-run prepare.py")
+    return tokenizer
 
 
 def _load_tiktoken_gpt2():

@@ -38,6 +38,7 @@ def test_config_file_then_flags(tmp_path):
     (["--n_layer=three"], "--n_layer must be int, got 'three'"),
     (["--compile=maybe"], "--compile must be True or False, got 'maybe'"),
     (["--out_dir=x", "--n_layer"], "--n_layer needs a value: --key=value or --key value"),
+    (["--out_dir", "--n_layer=3"], "--out_dir needs a value: --key=value or --key value"),  # not out_dir='--n_layer=3'
 ])
 def test_bad_flags(argv, message):
     with pytest.raises(UserError) as e:
@@ -56,6 +57,17 @@ def test_bad_config_files(tmp_path):
         parse_config(DemoConfig, [str(typo)])
     with pytest.raises(UserError, match="cannot read config file"):
         parse_config(DemoConfig, [str(tmp_path / "missing.py")])
+
+
+def test_config_file_scalars_become_strings_for_str_fields_and_other_values_do_not(tmp_path):
+    scalar = tmp_path / "scalar.py"
+    scalar.write_text("out_dir = False\n")  # as train.py's compile = False in a recipe
+    assert parse_config(DemoConfig, [str(scalar)]).out_dir == "False"
+    for value in ("None", '["a", "b"]'):
+        wrong = tmp_path / "wrong.py"
+        wrong.write_text(f"out_dir = {value}\n")
+        with pytest.raises(UserError, match="--out_dir must be str, got"):
+            parse_config(DemoConfig, [str(wrong)])
 
 
 def test_help_documents_every_field():

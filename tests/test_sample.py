@@ -434,6 +434,15 @@ def test_checkpoint_errors(ckpt_dir, capsys, tmp_path):
     assert "incompatible version" in error_of(capsys, f"--out_dir={future}")
 
 
+def test_a_tokenizer_that_does_not_match_the_checkpoint_is_an_error(ckpt_dir, capsys, tmp_path):
+    checkpoint = torch.load(os.path.join(ckpt_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
+    checkpoint["meta"]["vocab_size"] = 299  # as if tokenizer.json came from another bpe:N run
+    swapped = write_checkpoint(tmp_path / "swapped", checkpoint)
+    shutil.copy(os.path.join(ckpt_dir, "tokenizer.json"), swapped)
+    assert "(300 tokens, end of text 0) is not the one the data was made with (299 tokens" in \
+        error_of(capsys, f"--out_dir={swapped}")
+
+
 def test_cli_error_is_one_line_without_traceback(tmp_path):
     result = run_cli(f"--out_dir={tmp_path}")
     assert result.returncode == 2
