@@ -79,7 +79,7 @@ def load_model(out_dir="out", device="auto", dtype="auto", compile=False):
     """
     import torch
 
-    from train import load_checkpoint, model_from_checkpoint, pick_device
+    from train import keep_freed_memory, load_checkpoint, model_from_checkpoint, pick_device
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -108,6 +108,8 @@ def load_model(out_dir="out", device="auto", dtype="auto", compile=False):
             module.forward = types.MethodType(linear_with_fp16_weights, module)
         elif device.type == "cpu":
             module.forward = types.MethodType(linear_for_few_rows, module)
+    if device.type == "cpu":
+        keep_freed_memory()  # the per-token logits buffers are reused instead of mapped afresh
     if compile:
         # Compile the module itself, so the self(...) calls inside generate_tokens run the compiled graph; dynamic
         # shapes, because the context grows by one token at every step.
@@ -277,10 +279,6 @@ def main(argv=None):
     check_settings(config.temperature, config.top_k, config.top_p, config.num_samples, config.max_new_tokens)
     prompt = read_prompt(config.prompt)
     model, tokenizer = load_model(config.out_dir, config.device, config.dtype, config.compile)
-    if model.lm_head.weight.device.type == "cpu":
-        from train import keep_freed_memory
-
-        keep_freed_memory()  # the per-token logits buffers are reused instead of mapped afresh
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")  # a console that cannot show a character shows '?', not a crash
     dashes = "-" * 15

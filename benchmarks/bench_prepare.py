@@ -23,7 +23,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from prepare import EOT_TEXT, parse_config, run_main  # noqa: E402
+from prepare import EOT_LINE, EOT_TEXT, parse_config, run_main  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -42,14 +42,15 @@ def make_corpus(source, mb, folder):
     import pyarrow.parquet as pq
 
     with open(source, encoding="utf-8") as f:
-        stories = [s.strip("\n") for s in f.read().split(f"\n{EOT_TEXT}\n") if s.strip()]
+        stories = [s.strip("\n") for s in EOT_LINE.split(f.read()) if s.strip()]
     block = sum(len(s.encode()) for s in stories)
     repeats = -(-mb * 1_000_000 // block)
     with open(os.path.join(folder, "corpus.txt"), "w", encoding="utf-8") as txt, \
             pq.ParquetWriter(os.path.join(folder, "corpus.parquet"), pa.schema({"text": pa.string()})) as parquet:
+        text, table = "".join(s + f"\n{EOT_TEXT}\n" for s in stories), pa.table({"text": stories})
         for _ in range(repeats):
-            txt.write("".join(s + f"\n{EOT_TEXT}\n" for s in stories))
-            parquet.write_table(pa.table({"text": stories}))
+            txt.write(text)
+            parquet.write_table(table)
     return repeats * len(stories), repeats * block
 
 

@@ -8,18 +8,21 @@ Generation speed (tokens/s) of sample.py with and without its KV cache, against 
 Methods, each timed in a fresh process on the same checkpoint (GPT-2 vocabulary, written by train.py after one step:
 a real ckpt.pt, loaded through sample.py's own load path; the weights barely matter for speed):
   nanogpt       nanoGPT's generate() loop (3adf61e): the whole context cropped to block_size re-run for every token,
-                a 50K-way multinomial. nanoGPT's sample.py draws its samples one after another, so its tokens/s is
-                the same for any number of samples: it is run with one.
+                a 50K-way multinomial; on a GPU with TF32 and bf16 autocast, as nanoGPT's sample.py runs it.
+                nanoGPT's sample.py draws its samples one after another, so its tokens/s is the same for any number
+                of samples: it is run with one.
   no-cache      sample.generate_text(kv_cache=False): the whole context re-run for every token, as nanoGPT does.
   cache         sample.generate_text(kv_cache=True), the default.
 no-cache and cache load the model with sample.py's --dtype (auto: on an x86 CPU, float16 weights with float32
 arithmetic; --dtype=float32 for the exact weights); nanoGPT's loop runs the float32 weights, as nanoGPT does.
 Settings: prompt "Once upon a time", temperature 0.8, top_k 200 (nanoGPT's defaults), stop_at_eot=False so every
-sample runs its full length. tokens/s = samples x new tokens / generation time. A measurement taking over
+sample runs its full length. tokens/s = samples x new tokens / generation time, timed after 2 untimed tokens (the
+first calls' one-time set-up: CUDA and BLAS initialisation, allocator growth). A measurement taking over
 --long seconds is run once. Then the whole `python sample.py` process is timed against its generation alone.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -31,10 +34,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench_train import CONFIGS as TRAIN_CONFIGS  # noqa: E402
+from train import TrainConfig  # noqa: E402
+
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size")
 CONFIGS = {  # train.py's CPU benchmark configs and its default GPU recipe, GPT-2 vocabulary
-    "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=128),
-    "medium": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
-    "gpu": dict(n_layer=8, n_head=8, n_embd=512, block_size=512),
+    **{name: {k: c[k] for k in MODEL_KEYS} for name, c in TRAIN_CONFIGS.items()},
+    "gpu": {k: getattr(TrainConfig, k) for k in MODEL_KEYS},
 }
 NEW_TOKENS = {"small": [500], "medium": [500, 1000], "gpu": [500, 1000]}
 ANCHOR = 65  # tokens/s, nanoGPT's sample.py at 4/4/128 on a 2-core EPYC (BASELINES.md)
@@ -76,23 +82,32 @@ def worker(out_dir, method, num_samples, new_tokens, device, dtype):
     import train
 
     t0 = time.perf_counter()
+    autocast = contextlib.nullcontext()
     if method == "nanogpt":  # loaded as nanoGPT's sample.py does: the checkpoint's weights, as they are
         checkpoint = train.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
         tokenizer = sample.load_tokenizer(checkpoint["meta"], out_dir)
         model = train.model_from_checkpoint(checkpoint).eval().to(train.pick_device(device))
+        if model.lm_head.weight.device.type == "cuda":  # nanoGPT's sample.py: TF32, and bf16 (else fp16) autocast
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     else:
         model, tokenizer = sample.load_model(out_dir, device=device, dtype=dtype)
     load_s = time.perf_counter() - t0
     sync = torch.cuda.synchronize if model.lm_head.weight.device.type == "cuda" else (lambda: None)
+
+    def generate(tokens):
+        if method == "nanogpt":
+            idx = torch.tensor([tokenizer.encode(PROMPT)], device=model.lm_head.weight.device)
+            with torch.no_grad(), autocast:
+                nanogpt_generate(model, idx, tokens)
+        else:
+            sample.generate_text(model, tokenizer, PROMPT, num_samples=num_samples, max_new_tokens=tokens,
+                                 kv_cache=method == "cache", stop_at_eot=False)
+        sync()
+
+    generate(2)  # first calls: CUDA and BLAS initialisation, allocator growth, which a longer run would not repeat
     t0 = time.perf_counter()
-    if method == "nanogpt":
-        idx = torch.tensor([tokenizer.encode(PROMPT)], device=model.lm_head.weight.device)
-        with torch.no_grad():
-            nanogpt_generate(model, idx, new_tokens)
-    else:
-        sample.generate_text(model, tokenizer, PROMPT, num_samples=num_samples, max_new_tokens=new_tokens,
-                             kv_cache=method == "cache", stop_at_eot=False)
-    sync()
+    generate(new_tokens)
     print(json.dumps({"load_s": load_s, "gen_s": time.perf_counter() - t0}))
 
 
@@ -148,22 +163,25 @@ def main():
         for name in args.configs.split(","):
             out_dir = os.path.join(tmp, name)
             make_checkpoint(name, tmp, out_dir, args.device)
+            measured = {}  # (method, samples, new tokens) -> runs
             for new_tokens in NEW_TOKENS[name]:
                 reference = None
                 for method in args.methods.split(","):
                     for num_samples in ([1] if method == "nanogpt" else [1, 8]):
                         runs = measure(out_dir, method, num_samples, new_tokens, args.device, args.dtype, args.runs,
                                        args.long)
+                        measured[method, num_samples, new_tokens] = runs
                         rates = [num_samples * new_tokens / r["gen_s"] for r in runs]
                         rate = statistics.median(rates)
                         reference = rate if method == "nanogpt" else reference
                         versus = f"{rate / reference:9.1f}x" if reference else f"{'':10}"
+                        anchor = f"{rate / ANCHOR:10.1f}x" if name == "small" else ""  # the anchor is at 4/4/128
                         print(f"{name:7} {new_tokens:6} {num_samples:2} {method:9} "
-                              f"{', '.join(f'{r:.0f}' for r in rates):32} {rate:8.0f} {versus} "
-                              f"{rate / ANCHOR:10.1f}x", flush=True)
+                              f"{', '.join(f'{r:.0f}' for r in rates):32} {rate:8.0f} {versus} {anchor}", flush=True)
             # start-up: the whole process against its own generation (the cache method's median, one sample)
-            gen = statistics.median(r["gen_s"] for r in measure(out_dir, "cache", 1, 500, args.device, args.dtype,
-                                                                  args.runs, args.long))
+            runs = measured.get(("cache", 1, 500)) or measure(out_dir, "cache", 1, 500, args.device, args.dtype,
+                                                               args.runs, args.long)
+            gen = statistics.median(r["gen_s"] for r in runs)
             total = whole_process(out_dir, 500, args.device, args.dtype, args.runs)
             print(f"{name:7} `python sample.py --max_new_tokens=500 --num_samples=1`: whole process "
                   f"{', '.join(f'{t:.2f}' for t in total)} s, median {statistics.median(total):.2f} s; generation "

@@ -38,6 +38,7 @@ step train_fp16 90 $PY train.py --data_dir="$DATA" --out_dir="$OUT/fp16" --compi
 # Resume the fp16 run for 20 more steps; then NCCL under torchrun (one process)
 step resume_fp16 90 $PY train.py --data_dir="$DATA" --out_dir="$OUT/fp16" --compile=False --dtype=float16 \
   --init_from=resume --max_iters=60 --eval_interval=20 --eval_tokens=163840 --log_interval=20 --plot=False
+step resumed_at_40 5 grep "resuming from .* at iter 40" "$OUT/resume_fp16.log"  # not started afresh
 step torchrun_nccl 120 torchrun --standalone --nproc_per_node=1 train.py --data_dir="$DATA" --out_dir="$OUT/ddp" \
   --compile=False --max_iters=20 --eval_interval=20 --eval_tokens=163840 --log_interval=10 --plot=False
 # Sampling from a checkpoint (the compiled run's; CKPT=dir for another), on the GPU and loaded across to the CPU
@@ -46,8 +47,10 @@ step sample_cuda 60 $PY sample.py --out_dir="$CKPT" --prompt="Once upon a time" 
   --max_new_tokens=100 --seed=1
 step sample_cpu 60 $PY sample.py --out_dir="$CKPT" --prompt="Once upon a time" --num_samples=1 \
   --max_new_tokens=60 --device=cpu --seed=1
-step sample_compile 120 $PY sample.py --out_dir="$CKPT" --prompt="Once upon a time" --num_samples=2 \
-  --max_new_tokens=100 --seed=1 --compile=True
+step sample_compile 120 env TORCH_LOGS=graph_breaks $PY sample.py --out_dir="$CKPT" --prompt="Once upon a time" \
+  --num_samples=2 --max_new_tokens=100 --seed=1 --compile=True
+# a graph break or the recompile limit falls back to eager and still exits 0: the log must show neither
+step compiled_whole 5 bash -c "! grep -E 'Graph break|recompile_limit|cache_size_limit' '$OUT/sample_compile.log'"
 # Greedy with and without the KV cache, past block_size, in fp32 and bf16
 step greedy_cuda 120 $PY benchmarks/greedy_check.py --out_dir="$CKPT" --device=cuda --dtypes=float32,bfloat16 \
   --max_new_tokens=1200
