@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from prepare import EOT_TEXT, UserError, load_tokenizer, parse_config, run_main
+from cli import UserError, parse_config, run_main
+from prepare import EOT_TEXT, load_tokenizer
 from train import bits_per_byte, load_checkpoint
 
 

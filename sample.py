@@ -22,7 +22,8 @@ import sys
 import types
 from dataclasses import dataclass
 
-from prepare import UserError, load_tokenizer, parse_config, run_main
+from cli import UserError, parse_config, run_main
+from prepare import load_tokenizer
 
 # torch and train.py (which imports torch) are imported inside the functions that need them: `--help` and bad
 # flags answer at once instead of after a second or two of importing torch.

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from prepare import UserError, parse_config, print_config, run_main
+from cli import UserError, parse_config, print_config, run_main
 
 # -----------------------------------------------------------------------------
 # config

@@ -23,7 +23,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from prepare import EOT_LINE, EOT_TEXT, parse_config, run_main  # noqa: E402
+from cli import parse_config, run_main  # noqa: E402
+from prepare import EOT_LINE, EOT_TEXT  # noqa: E402
 
 
 @dataclasses.dataclass

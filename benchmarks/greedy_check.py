@@ -20,7 +20,7 @@ from dataclasses import dataclass
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from prepare import parse_config, run_main  # noqa: E402
+from cli import parse_config, run_main  # noqa: E402
 
 
 @dataclass

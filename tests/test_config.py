@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from prepare import UserError, config_help, parse_config
+from cli import UserError, config_help, parse_config
 
 
 @dataclasses.dataclass

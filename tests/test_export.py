@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 import export
 import train
-from prepare import EOT_TEXT, UserError, load_tokenizer, run_main, train_bpe
+from cli import UserError, run_main
+from prepare import EOT_TEXT, load_tokenizer, train_bpe
 from train import GPT, GPTConfig, TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,7 +16,8 @@ import pytest
 import tiktoken
 
 import prepare
-from prepare import EOT_TEXT, UserError, load_tokenizer
+from cli import UserError
+from prepare import EOT_TEXT, load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENC = tiktoken.get_encoding("gpt2")

@@ -11,10 +11,12 @@ import sys
 import pytest
 import torch
 
+import cli
 import prepare
 import sample
 import train
-from prepare import Tokenizer, UserError
+from cli import UserError
+from prepare import Tokenizer
 from sample import TextStream, generate_text, load_model
 from train import GPT, GPTConfig, sample_next_token
 
@@ -384,7 +386,7 @@ def test_help_lists_every_flag():
 def error_of(capsys, *flags):
     """Run the CLI's main in-process; the UserError must become one line on stderr and exit code 2."""
     with pytest.raises(SystemExit) as exit_info:
-        prepare.run_main(sample.main, list(flags))
+        cli.run_main(sample.main, list(flags))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert err.count("\n") == 1 and "Traceback" not in err and ": error: " in err

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import train
-from prepare import UserError
+from cli import UserError
 from train import GPT, GPTConfig, TrainConfig, get_batch, get_lr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
