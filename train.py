@@ -58,20 +58,26 @@ class TrainConfig:
     n_embd: int = 512  # width of the residual stream
     dropout: float = 0.0  # 0 for pretraining; try 0.1 when overfitting a small dataset
     bias: bool = False  # biases in Linear and LayerNorm layers (GPT-2 had them)
-    # optimizer (AdamW) and learning-rate schedule
-    learning_rate: float = 1e-3  # peak learning rate, reached after warmup
-    max_iters: int = 5000  # optimizer steps in total
-    weight_decay: float = 0.1  # applied to matrices and embeddings only
+    # optimizer, learning-rate schedule and how long to train
+    optimizer: str = "muon"  # muon (Muon: the blocks' matrices; AdamW: embeddings, head, gains, biases) or adamw
+    learning_rate: float = 1e-3  # AdamW's peak learning rate, reached after warmup
+    muon_lr: float = 0.0  # Muon's peak learning rate, in AdamW's units (torch's match_rms_adamw); 0 = learning_rate
+    max_iters: int = 5000  # optimizer steps in total (ignored with --max_minutes)
+    max_minutes: float = 0.0  # train for this many minutes of training time instead (not exactly reproducible)
+    weight_decay: float = 0.1  # decoupled weight decay on matrices and embeddings only
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
+    muon_momentum: float = 0.95  # Muon's (Nesterov) momentum
     grad_clip: float = 1.0  # clip the gradient norm to this; 0 disables
-    decay_lr: bool = True  # cosine decay after warmup; False keeps learning_rate constant
+    decay_lr: bool = True  # decay the learning rate after warmup; False keeps it constant
+    lr_schedule: str = "cosine"  # cosine (over max_iters) or wsd (warmup, stable, then linear decay over decay_frac)
     warmup_iters: int = 200  # linear warmup steps
-    lr_decay_iters: int = 0  # step at which the cosine reaches min_lr; 0 means max_iters
-    min_lr: float = 1e-4  # floor of the cosine decay, at most learning_rate
+    lr_decay_iters: int = 0  # step at which the decay (cosine or wsd) reaches min_lr; 0 means max_iters
+    decay_frac: float = 0.2  # wsd: the last fraction of the run (steps, or minutes with --max_minutes) that decays
+    min_lr: float = 1e-4  # floor of the decay (AdamW's; Muon's is as far below its peak), at most learning_rate
     # system
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
-    dtype: str = "auto"  # auto (bfloat16 where supported, float16 on older GPUs, float32 on CPU/MPS), or one of those
+    dtype: str = "auto"  # auto (GPU: bfloat16, else float16; CPU: bfloat16 if a probe finds it faster), or one of those
     compile: str = "auto"  # torch.compile the model: auto (on for CUDA), True or False
     seed: int = 1337  # seeds init, batch order and dropout; each DDP rank adds its rank
     peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 looks it up (GPU) or measures a matmul (CPU)
@@ -106,6 +112,16 @@ def validate(config):
         problems.append(f"--dropout must be in [0, 1), got {c.dropout}")
     if c.learning_rate <= 0 or c.max_iters < 0 or c.warmup_iters < 0 or c.grad_clip < 0:
         problems.append("--learning_rate must be > 0 and --max_iters, --warmup_iters, --grad_clip >= 0")
+    if c.optimizer not in ("muon", "adamw"):
+        problems.append(f"--optimizer must be muon or adamw, got {c.optimizer!r}")
+    if c.muon_lr < 0 or not 0 <= c.muon_momentum < 1:
+        problems.append("--muon_lr must be >= 0 (0 = --learning_rate) and --muon_momentum in [0, 1)")
+    if not c.max_minutes >= 0:  # (also catches nan)
+        problems.append(f"--max_minutes must be 0 (train --max_iters steps) or more, got {c.max_minutes}")
+    if c.lr_schedule not in ("cosine", "wsd"):
+        problems.append(f"--lr_schedule must be cosine or wsd, got {c.lr_schedule!r}")
+    if not 0 < c.decay_frac <= 1:
+        problems.append(f"--decay_frac must be in (0, 1], got {c.decay_frac}")
     if c.decay_lr:
         if c.min_lr > c.learning_rate:
             problems.append(f"--min_lr={c.min_lr:g} is above --learning_rate={c.learning_rate:g}, so the learning "
@@ -410,29 +426,133 @@ def get_batch(data_dir, meta, split, batch_size, block_size, generator, device, 
 # optimizer and learning-rate schedule
 
 
-def configure_optimizer(model, weight_decay, learning_rate, betas, device_type):
-    """AdamW; weight decay only on matrices and embeddings (>= 2-D), never on biases and norms."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def configure_optimizers(model, config, device_type, muon_ns_dtype=torch.bfloat16):
+    """
+    The optimizers, each with its parameter groups, every parameter in exactly one of them.
+      adamw: AdamW for everything; weight decay only on matrices and embeddings (>= 2-D), never on gains and biases.
+      muon:  Muon for the 2-D matrices inside the blocks (attention and MLP weights), which it orthogonalises; AdamW
+             as above for the rest: the embedding (which is also the LM head), the positions, gains and biases.
+    Each group keeps its peak learning rate as "peak_lr"; the schedule scales it (set_lr).
+    """
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    use_muon = config.optimizer == "muon"
+    matrices = [p for name, p in named if use_muon and p.dim() == 2 and name.startswith("transformer.h.")]
+    in_muon = {id(p) for p in matrices}
+    rest = [p for _, p in named if id(p) not in in_muon]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
     ]
     fused = device_type in ("cuda", "cpu")  # one kernel for all parameters; PyTorch has it on these devices
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+    adamw = torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=fused)
+    optimizers = [adamw]
+    if use_muon:
+        muon_lr = config.muon_lr or config.learning_rate
+        optimizers.append(Muon(matrices, lr=muon_lr, weight_decay=config.weight_decay, momentum=config.muon_momentum,
+                               adjust_lr_fn="match_rms_adamw", ns_dtype=muon_ns_dtype))
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["peak_lr"] = group["lr"]
+    return optimizers
 
 
-def get_lr(it, config):
-    """Linear warmup that starts above zero, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+class Muon(torch.optim.Muon):
+    """
+    torch.optim.Muon with its Newton-Schulz iterations in ns_dtype. torch runs them in bfloat16, which suits GPUs and
+    CPUs with bf16 arithmetic, but a CPU without it emulates bfloat16 matmuls at about 1 GFLOP/s against 60-90 in
+    float32: for the CPU recipe's matrices, 10.4 s per step in bfloat16 against 0.15 s in float32 on a 2-core AMD
+    EPYC without avx512_bf16. The update is otherwise torch's, line for line, and so is the state (momentum_buffer).
+    """
+
+    def __init__(self, params, ns_dtype=torch.bfloat16, **kwargs):
+        super().__init__(params, **kwargs)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, weight_decay, momentum = group["lr"], group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                update = orthogonalize(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                       self.ns_dtype)
+                p.mul_(1 - lr * weight_decay)
+                p.add_(update, alpha=-lr * (0.2 * math.sqrt(max(p.shape))))  # match_rms_adamw: AdamW's update size
+        return loss
+
+
+def orthogonalize(g, coefficients, steps, eps, dtype):
+    """
+    Newton-Schulz iterations towards the nearest semi-orthogonal matrix of g (roughly U V^T of its SVD), as in
+    torch.optim.Muon, in dtype. The quintic's coefficients push singular values into about [0.7, 1.2] in a few steps.
+    """
+    a, b, c = coefficients
+    x = g.to(dtype)
+    if g.size(0) > g.size(1):
+        x = x.T  # the Gram matrix of the shorter side is the cheaper one
+    x = x / x.norm().clamp(min=eps)  # spectral norm <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.T if g.size(0) > g.size(1) else x).to(g.dtype)
+
+
+def muon_ns_dtype(device, dtype):
+    """bfloat16 (torch's choice) where the training arithmetic is bfloat16 or the device is a GPU, else float32."""
+    return torch.bfloat16 if device.type == "cuda" or dtype == "bfloat16" else torch.float32
+
+
+def lr_scale(step, progress, config):
+    """
+    The learning rate of this step as a fraction of the peak. progress is the share of the run that will be done
+    when this step ends: steps / max_iters, or with --max_minutes training time / budget.
+      warmup: linear over warmup_iters steps, starting above zero;
+      cosine: by steps, nanoGPT's: down to min_lr at lr_decay_iters, then min_lr (with --max_minutes: by progress);
+      wsd:    stable at the peak, then linear down to min_lr over the last decay_frac of the run. It fits a budget
+              known only as a time: the decay starts when the clock says so.
+    """
     c = config
     if not c.decay_lr:
-        return c.learning_rate
-    if it < c.warmup_iters:
-        return c.learning_rate * (it + 1) / (c.warmup_iters + 1)
-    decay_iters = c.lr_decay_iters or c.max_iters
-    if it >= decay_iters:
-        return c.min_lr
-    progress = (it - c.warmup_iters) / max(1, decay_iters - c.warmup_iters)
-    return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (c.learning_rate - c.min_lr)
+        return 1.0
+    floor = c.min_lr / c.learning_rate
+    warmup = (step + 1) / (c.warmup_iters + 1) if step < c.warmup_iters else 1.0
+    if c.lr_schedule == "cosine" and not c.max_minutes:
+        decay_iters = c.lr_decay_iters or c.max_iters
+        if step < c.warmup_iters:
+            return warmup
+        if step >= decay_iters:
+            return floor
+        cosine_progress = (step - c.warmup_iters) / max(1, decay_iters - c.warmup_iters)
+        return floor + 0.5 * (1.0 + math.cos(math.pi * cosine_progress)) * (1 - floor)
+    if c.lr_schedule == "wsd":
+        decay = floor + (1 - floor) * min(1.0, max(0.0, 1 - progress) / c.decay_frac)
+    else:
+        decay = floor + 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))) * (1 - floor)
+    return min(warmup, decay)  # (a budget that ends during warmup still ends at min_lr)
+
+
+def get_lr(step, config, progress=None):
+    """AdamW's learning rate at this step (Muon's is the same fraction of its own peak)."""
+    if progress is None:
+        progress = (step + 1) / max(1, config.lr_decay_iters or config.max_iters)
+    return config.learning_rate * lr_scale(step, progress, config)
+
+
+def set_lr(optimizers, scale):
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = group["peak_lr"] * scale
 
 
 # -----------------------------------------------------------------------------
@@ -591,10 +711,33 @@ def pick_dtype(name, device):
     if name == "auto":
         if device.type == "cuda":
             return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
+        if device.type == "cpu" and cpu_bfloat16_is_faster():
+            return "bfloat16"
         return "float32"
     if name == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise UserError("this GPU has no bfloat16: use --dtype=float16 (with loss scaling) or --dtype=float32")
     return name
+
+
+def matmul_flops(dtype, size, repeats=3):
+    """FLOP/s of a size x size matmul on the CPU in dtype, the best of a few (the global RNG is left alone)."""
+    a = torch.rand(size, size, generator=torch.Generator().manual_seed(0)).to(dtype)
+    a @ a
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size ** 3 / best
+
+
+def cpu_bfloat16_is_faster():
+    """
+    Whether bfloat16 matmuls beat float32 ones on this CPU, measured (a few ms), not guessed from its name: with AMX
+    (Intel Xeon) bf16 autocast halved the CPU recipe's step, while a CPU without bf16 arithmetic emulates it at
+    about 1 GFLOP/s against 60-90 in float32.
+    """
+    return matmul_flops(torch.bfloat16, 256) > 1.25 * matmul_flops(torch.float32, 256)
 
 
 def peak_flops_of(device, dtype):
@@ -609,13 +752,8 @@ def peak_flops_of(device, dtype):
         return 0.0
     if device.type != "cpu":
         return 0.0  # no table for this device: MFU is left out unless --peak_flops is given
-    size = 2048  # fp32 matmul on this CPU: the practical peak
-    a = torch.rand(size, size, generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
-    a @ a
-    t0 = time.perf_counter()
-    for _ in range(3):
-        a @ a
-    return 3 * 2 * size ** 3 / (time.perf_counter() - t0)
+    # a large matmul in the dtype the model computes in (autocast's for bf16/fp16): this CPU's practical peak
+    return matmul_flops(getattr(torch, dtype), 2048 if dtype == "float32" else 1024)
 
 
 def keep_freed_memory():
@@ -712,7 +850,7 @@ def main(argv=None):
     log_path = os.path.join(config.out_dir, "log.jsonl")
 
     # model, optimizer, loss scaler: fresh, or exactly as they were saved
-    iter_num, best_val_loss, elapsed_before = 0, float("inf"), 0.0
+    iter_num, best_val_loss, elapsed_before, train_s = 0, float("inf"), 0.0, 0.0
     if config.init_from == "resume":
         checkpoint = load_checkpoint(ckpt_path)
         model_args = checkpoint["model_args"]  # the architecture is the checkpoint's, whatever the flags say
@@ -721,6 +859,11 @@ def main(argv=None):
                             f"{config.data_dir} holds {meta.get('tokenizer')} tokens: use the same --data_dir")
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
         elapsed_before = checkpoint.get("elapsed_s", 0.0)
+        train_s = checkpoint.get("train_s", 0.0)  # training time already spent, for --max_minutes
+        trained_with = checkpoint["config"].get("optimizer", "adamw")
+        if trained_with != config.optimizer:
+            raise UserError(f"{ckpt_path} was trained with --optimizer={trained_with}: resume with the same "
+                            f"--optimizer={trained_with}")
         say(f"resuming from {ckpt_path} at iter {iter_num}")
     else:
         model_args = dict(block_size=config.block_size, vocab_size=meta["vocab_size"], n_layer=config.n_layer,
@@ -736,11 +879,15 @@ def main(argv=None):
     tokens_per_iter = grad_accum * world_size * config.batch_size * block_size
     say(f"{grad_accum} micro-step(s) of {config.batch_size} x {block_size} per process: "
         f"{tokens_per_iter:,} tokens/iter")
-    optimizer = configure_optimizer(model, config.weight_decay, config.learning_rate, (config.beta1, config.beta2),
-                                    device.type)
+    optimizers = configure_optimizers(model, config, device.type, muon_ns_dtype(device, dtype))
+    say(f"optimizer {config.optimizer}: " + ", ".join(
+        f"{type(o).__name__} for {sum(p.numel() for g in o.param_groups for p in g['params']) / 1e6:.2f}M parameters"
+        for o in optimizers))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")  # fp16 needs loss scaling; bf16 does not
     if config.init_from == "resume":
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        saved = checkpoint["optimizer"]
+        for optimizer, state in zip(optimizers, saved if isinstance(saved, list) else [saved], strict=True):
+            optimizer.load_state_dict(state)
         if checkpoint["scaler"]:  # empty when the run that saved it did not scale (bf16, fp32)
             scaler.load_state_dict(checkpoint["scaler"])
         set_rng_state(checkpoint["rng"])  # rank 0's; the other ranks draw their own dropout masks again
@@ -776,10 +923,12 @@ def main(argv=None):
 
     def checkpoint_now(val_loss=float("nan")):  # val_loss of exactly these weights, when just evaluated
         return {
-            "version": CHECKPOINT_VERSION, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "version": CHECKPOINT_VERSION, "model": raw_model.state_dict(),
+            "optimizer": [optimizer.state_dict() for optimizer in optimizers],
             "scaler": scaler.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss, "val_loss": val_loss,
             "model_args": model_args, "config": dataclasses.asdict(config), "meta": meta, "rng": rng_state(),
-            "elapsed_s": elapsed_before + time.time() - t_start, "tokens": iter_num * tokens_per_iter,
+            "elapsed_s": elapsed_before + time.time() - t_start, "train_s": train_s,
+            "tokens": iter_num * tokens_per_iter,
         }
 
     # Ctrl-C finishes the current step, saves a checkpoint and exits; a second Ctrl-C stops at once
@@ -792,15 +941,33 @@ def main(argv=None):
 
     signal.signal(signal.SIGINT, request_stop)
 
+    # How much of the run is done: steps out of max_iters, or with --max_minutes training time out of the budget.
+    # Training time leaves out evaluations and, when compiling, the first step. The clock is read where the loop
+    # syncs anyway, every log_interval steps, and the time per step is extrapolated in between: so under DDP every
+    # process computes the same learning rate and stops after the same step, and the step whose learning rate has
+    # reached min_lr is the last one.
+    budget_s = 60 * config.max_minutes
+    clock_iter, clock_train_s, clock_s_per_iter = iter_num, train_s, 0.0  # the last reading
+
+    def fraction_done(steps):  # of the schedule
+        if budget_s:
+            return (clock_train_s + (steps - clock_iter) * clock_s_per_iter) / budget_s
+        return steps / max(1, config.lr_decay_iters or config.max_iters)
+
+    def finished(steps):
+        return fraction_done(steps) >= 1 if budget_s else steps >= config.max_iters
+
     batch_generator = torch.Generator()
     t_start = t_last = time.time()
-    iters_since_log = 0
+    first_iter, iters_since_log = iter_num, 0
+    done = finished(iter_num)
     while True:
-        lr = get_lr(iter_num, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        fraction = fraction_done(iter_num + 1)  # when the coming step ends
+        scale = lr_scale(iter_num, fraction, config)
+        set_lr(optimizers, scale)
+        lr = config.learning_rate * scale
 
-        if master and (iter_num % config.eval_interval == 0 or iter_num >= config.max_iters or config.eval_only):
+        if master and (iter_num % config.eval_interval == 0 or done or config.eval_only):
             losses = estimate_loss(model, batch, meta, config.eval_tokens, block_size, config.batch_size, autocast,
                                    config.seed)
             val_bpb = bits_per_byte(losses["val"], meta)
@@ -814,14 +981,15 @@ def main(argv=None):
             with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"iter": iter_num, "tokens": iter_num * tokens_per_iter,
                                     "train_loss": losses["train"], "val_loss": losses["val"], "val_bpb": val_bpb,
-                                    "lr": lr, "elapsed_s": round(elapsed_before + time.time() - t_start, 3)}) + "\n")
+                                    "lr": lr, "elapsed_s": round(elapsed_before + time.time() - t_start, 3),
+                                    "train_s": round(train_s, 3)}) + "\n")
             if config.plot:
                 plot_losses(log_path, os.path.join(config.out_dir, "loss.png"))
             if iter_num > 0 and (losses["val"] < best_val_loss or config.always_save_checkpoint):
                 best_val_loss = min(best_val_loss, losses["val"])
                 save_checkpoint(ckpt_path, checkpoint_now(losses["val"]))
             t_last = time.time()  # evaluation time is not training time
-        if iter_num >= config.max_iters or config.eval_only:
+        if done or config.eval_only:
             break
 
         # one optimizer step. Each micro-batch is a function of (seed, iter, its index in the global batch): a
@@ -835,34 +1003,48 @@ def main(argv=None):
                 _, loss = train_model(x, y)
             scaler.scale(loss / grad_accum).backward()
         if config.grad_clip:
-            scaler.unscale_(optimizer)
+            for optimizer in optimizers:
+                scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        scaler.step(optimizer)
+        for optimizer in optimizers:
+            scaler.step(optimizer)
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
         iter_num += 1
         iters_since_log += 1
+        done = finished(iter_num)
+        if compile_model and iter_num == first_iter + 1:  # this step compiled the model: not training time
+            loss.item()
+            t_last, iters_since_log = time.time(), 0
 
-        if iter_num % config.log_interval == 0 or iter_num == config.max_iters:
+        if iters_since_log and (iter_num % config.log_interval == 0 or done):
             loss_now = loss.item()  # a host-device sync, so only once per log_interval
             if not math.isfinite(loss_now):
                 raise UserError(f"the loss became {loss_now} at iter {iter_num}; {ckpt_path} keeps the last good "
                                 "checkpoint. Try a lower --learning_rate, or --dtype=bfloat16/float32")
-            dt = (time.time() - t_last) / iters_since_log
-            t_last, iters_since_log = time.time(), 0
+            now = time.time()
+            dt = (now - t_last) / iters_since_log
+            train_s += now - t_last
+            t_last, iters_since_log = now, 0
+            clock_iter, clock_train_s, clock_s_per_iter = iter_num, train_s, dt
             tokens_per_s = tokens_per_iter / dt
             mfu = raw_model.estimate_mfu(tokens_per_s / world_size, peak_flops) if peak_flops else 0.0
-            eta = (config.max_iters - iter_num) * dt
-            say(f"iter {iter_num}/{config.max_iters} | loss {loss_now:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | "
+            if budget_s:
+                eta, so_far = budget_s - train_s, f"{train_s / 60:.1f}/{config.max_minutes:g} min"
+            else:
+                eta, so_far = (config.max_iters - iter_num) * dt, f"{config.max_iters}"
+            say(f"iter {iter_num}/{so_far} | loss {loss_now:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | "
                 f"{tokens_per_s:,.0f} tok/s | mfu {mfu * 100:.1f}% | eta {int(eta // 60)}m{int(eta % 60):02d}s")
 
         stop = bool(stop_requested)
-        if ddp:  # every process must stop after the same step: they agree once per log_interval
+        if ddp:  # every process must stop after the same step and read the same clock: they agree every log_interval
             stop = False
             if iter_num % config.log_interval == 0:
-                flag = torch.tensor([float(bool(stop_requested))], device=device)
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                stop = flag.item() > 0
+                agreed = torch.tensor([float(bool(stop_requested)), clock_train_s, clock_s_per_iter],
+                                      dtype=torch.float64, device=device)
+                torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+                stop = agreed[0].item() > 0
+                clock_train_s, clock_s_per_iter = agreed[1].item(), agreed[2].item()
         if stop:
             if master:
                 if config.always_save_checkpoint:

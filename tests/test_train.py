@@ -109,7 +109,8 @@ def test_chunked_loss_matches_plain_cross_entropy(bias):
 def test_tiny_batch_overfits():
     model = tiny_model()
     model.chunked_loss = True
-    optimizer = train.configure_optimizer(model, 0.0, 3e-3, (0.9, 0.95), "cpu")
+    (optimizer,) = train.configure_optimizers(model, TrainConfig(optimizer="adamw", weight_decay=0.0,
+                                                                 learning_rate=3e-3), "cpu")
     idx = torch.randint(0, 50, (2, 16))
     x, y = idx[:, :-1], idx[:, 1:]
     for _ in range(200):
@@ -202,7 +203,7 @@ def test_lr_schedule_warmup_peak_and_end():
 
 def test_weight_decay_only_on_matrices():
     model = tiny_model(bias=True)
-    optimizer = train.configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95), "cpu")
+    (optimizer,) = train.configure_optimizers(model, TrainConfig(optimizer="adamw", weight_decay=0.1), "cpu")
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
@@ -243,7 +244,7 @@ def test_training_learns_and_writes_log_plot_checkpoint(data_dir, tmp_path, caps
     run_train(data_dir, out, "--max_iters=40", "--eval_interval=20", "--plot=True")
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows] == [0, 20, 40]
-    assert set(rows[0]) == {"iter", "tokens", "train_loss", "val_loss", "val_bpb", "lr", "elapsed_s"}
+    assert set(rows[0]) == {"iter", "tokens", "train_loss", "val_loss", "val_bpb", "lr", "elapsed_s", "train_s"}
     assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 1.0
     assert rows[-1]["tokens"] == 40 * 2 * 8 * 32
     assert rows[0]["val_bpb"] == pytest.approx(rows[0]["val_loss"] / math.log(2) / 3)  # 3 bytes per token here
@@ -435,8 +436,8 @@ def test_ctrl_c_saves_a_checkpoint(data_dir, tmp_path):
 
 
 def test_ddp_two_processes_match_one(data_dir, tmp_path):
-    """torchrun with 2 gloo processes and the same global batch gives the weights of one process."""
-    common = [f"--data_dir={data_dir}", *TINY, "--max_iters=3", "--eval_interval=3"]
+    """torchrun with 2 gloo processes and the same global batch gives the weights of one process (Muon and AdamW)."""
+    common = [f"--data_dir={data_dir}", *TINY, "--max_iters=3", "--eval_interval=3", "--optimizer=muon"]
     single = subprocess.run([sys.executable, "train.py", f"--out_dir={tmp_path}/one", *common], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr

@@ -1,0 +1,276 @@
+"""Quality per minute: Muon beside AdamW, the learning-rate schedules, the wall-clock budget, the CPU's dtype."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from test_train import ROOT, TINY, make_dataset, run_train, tiny_model
+from train import TrainConfig, lr_scale
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: these models are tiny
+
+@pytest.fixture
+def data_dir(tmp_path):
+    path = tmp_path / "data"
+    path.mkdir()
+    make_dataset(str(path))
+    return str(path)
+
+
+def progress_lines(text):
+    """(iter, lr) of every progress line a run printed."""
+    rows = []
+    for line in text.splitlines():
+        if line.startswith("iter "):
+            fields = line.split(" | ")
+            rows.append((int(fields[0].split()[1].split("/")[0]), float(fields[2].split()[1])))
+    return rows
+
+
+# --- optimizers ---------------------------------------------------------------
+
+
+def test_every_parameter_is_in_exactly_one_optimizer_and_muon_gets_the_blocks_matrices():
+    model = tiny_model(bias=True)
+    adamw, muon = train.configure_optimizers(model, TrainConfig(optimizer="muon", weight_decay=0.1), "cpu")
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, torch.optim.Muon)
+    seen = [id(p) for o in (adamw, muon) for g in o.param_groups for p in g["params"]]
+    assert len(seen) == len(set(seen)) == len(list(model.parameters()))  # (the tied embedding counts once)
+    names = {id(p): name for name, p in model.named_parameters()}
+    in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    matrices = {name for name, p in model.named_parameters() if p.dim() == 2 and name.startswith("transformer.h.")}
+    assert in_muon == matrices
+    assert in_muon >= {"transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_proj.weight"}
+    decay, no_decay = adamw.param_groups
+    assert {names[id(p)] for p in decay["params"]} == {"transformer.wte.weight", "transformer.wpe.weight"}
+    assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    # the schedule scales each group's own peak
+    train.set_lr([adamw, muon], 0.5)
+    assert decay["lr"] == pytest.approx(0.5 * decay["peak_lr"]) and muon.param_groups[0]["lr"] == pytest.approx(
+        0.5 * muon.param_groups[0]["peak_lr"])
+
+
+def test_adamw_alone_takes_every_parameter():
+    model = tiny_model(bias=True)
+    (adamw,) = train.configure_optimizers(model, TrainConfig(optimizer="adamw"), "cpu")
+    assert sum(len(g["params"]) for g in adamw.param_groups) == len(list(model.parameters()))
+
+
+def test_our_muon_in_bfloat16_is_torch_muon_bit_for_bit():
+    """Only the Newton-Schulz dtype differs from torch.optim.Muon: with torch's bfloat16 the steps are identical."""
+    torch.manual_seed(0)
+    weights = [torch.randn(24, 8), torch.randn(8, 8), torch.randn(8, 32)]
+    ours, theirs = [w.clone().requires_grad_() for w in weights], [w.clone().requires_grad_() for w in weights]
+    opt_ours = train.Muon(ours, lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw", ns_dtype=torch.bfloat16)
+    opt_theirs = torch.optim.Muon(theirs, lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    for step in range(3):
+        grads = [torch.randn_like(w) for w in weights]
+        for params, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+    assert opt_ours.state_dict()["state"].keys() == opt_theirs.state_dict()["state"].keys()
+
+
+def test_float32_newton_schulz_orthogonalises():
+    torch.manual_seed(0)
+    for shape in ((48, 16), (16, 48)):
+        g = torch.randn(shape) @ torch.diag(torch.logspace(-1, 1, shape[1]))  # singular values spread 100-fold
+        x = train.orthogonalize(g, (3.4445, -4.775, 2.0315), 5, 1e-7, torch.float32)
+        assert x.dtype == torch.float32 and x.shape == g.shape
+        singular = torch.linalg.svdvals(x)
+        assert singular.min() > 0.5 and singular.max() < 1.3  # near-orthogonal
+        in_bfloat16 = train.orthogonalize(g, (3.4445, -4.775, 2.0315), 5, 1e-7, torch.bfloat16)
+        assert (x - in_bfloat16).abs().max() < 0.05  # torch's bfloat16 iterations, to bfloat16's precision
+
+
+def test_newton_schulz_runs_in_float32_on_a_cpu_without_bfloat16_autocast():
+    cpu = torch.device("cpu")
+    assert train.muon_ns_dtype(cpu, "float32") == torch.float32
+    assert train.muon_ns_dtype(cpu, "bfloat16") == torch.bfloat16
+    assert train.muon_ns_dtype(torch.device("cuda"), "float32") == torch.bfloat16
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_resume_is_exact_with_each_optimizer_and_wsd(data_dir, tmp_path, optimizer):
+    common = [f"--optimizer={optimizer}", "--lr_schedule=wsd", "--decay_frac=0.5", "--lr_decay_iters=8",
+              "--eval_interval=4",
+              "--dropout=0.1"]
+    run_train(data_dir, tmp_path / "straight", "--max_iters=8", *common)
+    run_train(data_dir, tmp_path / "resumed", "--max_iters=4", *common)
+    run_train(data_dir, tmp_path / "resumed", "--max_iters=8", "--init_from=resume", *common)
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)
+    assert a["iter_num"] == b["iter_num"] == 8
+    assert len(a["optimizer"]) == (2 if optimizer == "muon" else 1)  # both optimizers' states are saved
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    if optimizer == "muon":
+        buffers = [s["momentum_buffer"] for s in b["optimizer"][1]["state"].values()]
+        assert buffers and all(t.abs().sum() > 0 for t in buffers)
+
+
+def test_resume_with_another_optimizer_is_refused(data_dir, tmp_path):
+    run_train(data_dir, tmp_path / "out", "--max_iters=2", "--eval_interval=2", "--optimizer=adamw")
+    with pytest.raises(train.UserError, match="trained with --optimizer=adamw: resume with the same"):
+        run_train(data_dir, tmp_path / "out", "--max_iters=4", "--init_from=resume", "--optimizer=muon")
+
+
+def test_muon_learns(data_dir, tmp_path):
+    run_train(data_dir, tmp_path / "out", "--max_iters=30", "--eval_interval=30", "--optimizer=muon",
+              "--lr_schedule=wsd")
+    rows = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 1.0
+
+
+def test_help_says_which_parameters_each_optimizer_gets():
+    from cli import config_help
+
+    line = next(line for line in config_help(TrainConfig).splitlines() if line.strip().startswith("--optimizer="))
+    assert "Muon" in line and "matrices" in line and "AdamW" in line and "embeddings" in line
+
+
+# --- schedules ----------------------------------------------------------------
+
+
+def test_wsd_warms_up_holds_then_decays_linearly_to_min_lr():
+    c = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=100, lr_schedule="wsd",
+                    decay_frac=0.2)
+    lr = [train.get_lr(step, c) for step in range(100)]
+    assert lr[0] == pytest.approx(1e-3 / 11)
+    assert lr[10:79] == [1e-3] * 69  # stable until the last 20% of the run
+    assert lr[89] == pytest.approx(1e-4 + 0.5 * 9e-4)  # (step 89 ends at 90% of the run: halfway down)
+    assert lr[99] == pytest.approx(1e-4)  # the last step runs at min_lr
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
+
+
+def test_schedules_by_progress_end_at_min_lr_even_within_warmup():
+    for schedule in ("wsd", "cosine"):
+        c = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, max_minutes=1.0, lr_schedule=schedule)
+        assert lr_scale(500, 0.5, c) == pytest.approx(1.0 if schedule == "wsd" else 0.55)
+        assert lr_scale(500, 1.0, c) == pytest.approx(0.1)
+        assert lr_scale(500, 1.7, c) == pytest.approx(0.1)
+        assert lr_scale(5, 1.0, c) <= 0.1  # a budget spent during warmup
+
+
+def test_decay_lr_false_keeps_the_peak():
+    c = TrainConfig(learning_rate=1e-3, decay_lr=False, lr_schedule="wsd")
+    assert {train.get_lr(step, c) for step in (0, 50, 4999)} == {1e-3}
+
+
+# --- wall-clock budget --------------------------------------------------------
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """train.py's clock, advanced 0.1 s at every reading: with --log_interval=1 and no evaluations on the way, each
+    step then takes exactly 0.1 s, whatever the machine is doing."""
+    import time
+    import types
+
+    now = [1000.0]
+
+    def tick():
+        now[0] += 0.1
+        return now[0]
+
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=tick, perf_counter=time.perf_counter))
+
+
+def test_max_minutes_stops_on_time_with_the_last_step_at_min_lr(data_dir, tmp_path, capsys, fake_clock):
+    out = tmp_path / "out"
+    run_train(data_dir, out, "--max_minutes=0.05", "--max_iters=1", "--lr_schedule=wsd", "--decay_frac=0.5",
+              "--eval_interval=100000")
+    text = capsys.readouterr().out
+    steps = progress_lines(text)
+    assert 25 <= len(steps) <= 35  # 3 s of 0.1 s steps: the clock, not --max_iters=1, ended it
+    lrs = [lr for _, lr in steps]
+    assert lrs[-1] == pytest.approx(3e-4)  # the step that ended the run was taken at min_lr
+    assert lrs[len(lrs) // 3] == pytest.approx(3e-3)  # the stable phase, at the peak
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))  # then only down
+    checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
+    assert checkpoint["iter_num"] == steps[-1][0] == len(steps)
+    assert checkpoint["train_s"] == pytest.approx(3.0, abs=0.15)
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["iter"] == len(steps)  # it ended with an evaluation and a checkpoint
+    assert "/0.05 min |" in text
+
+
+def test_max_minutes_resumes_with_the_time_already_spent(data_dir, tmp_path, fake_clock):
+    out = tmp_path / "out"
+    run_train(data_dir, out, "--max_minutes=0.02", "--eval_interval=100000")
+    first = torch.load(out / "ckpt.pt", weights_only=True)
+    assert first["train_s"] == pytest.approx(1.2, abs=0.15)
+    run_train(data_dir, out, "--max_minutes=0.02", "--eval_interval=100000", "--init_from=resume")
+    again = torch.load(out / "ckpt.pt", weights_only=True)
+    assert again["iter_num"] == first["iter_num"]  # the budget was already spent: nothing more to train
+    run_train(data_dir, out, "--max_minutes=0.04", "--eval_interval=100000", "--init_from=resume")
+    more = torch.load(out / "ckpt.pt", weights_only=True)
+    assert more["train_s"] == pytest.approx(2.4, abs=0.25)
+    assert more["iter_num"] == pytest.approx(2 * first["iter_num"], abs=2)
+
+
+def test_evaluation_time_is_not_training_time(data_dir, tmp_path, monkeypatch):
+    evaluate = train.estimate_loss
+
+    def slow_evaluation(*args, **kwargs):
+        import time
+
+        time.sleep(0.6)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "estimate_loss", slow_evaluation)
+    out = tmp_path / "out"
+    run_train(data_dir, out, "--max_minutes=0.01", "--eval_interval=2")
+    checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
+    assert checkpoint["elapsed_s"] > checkpoint["train_s"] + 1.2  # two or more 0.6 s evaluations, not counted
+    assert checkpoint["train_s"] < 0.6 + 2
+
+
+def test_ddp_processes_stop_after_the_same_step_on_a_budget(data_dir, tmp_path):
+    """Two gloo processes with Muon and a wall-clock budget: they must agree on the lr and the last step (or hang)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", f"--data_dir={data_dir}", f"--out_dir={tmp_path}/two", *TINY,
+                          "--optimizer=muon", "--max_minutes=0.02", "--log_interval=2", "--eval_interval=100000"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    steps = progress_lines(ddp.stdout)
+    checkpoint = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)
+    assert len(steps) > 2 and checkpoint["iter_num"] == steps[-1][0]
+    assert steps[-1][1] == pytest.approx(3e-4)
+
+
+# --- the CPU's dtype ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("faster, expected", [(True, "bfloat16"), (False, "float32")])
+def test_auto_dtype_on_a_cpu_follows_the_probe(data_dir, tmp_path, monkeypatch, capsys, faster, expected):
+    monkeypatch.setattr(train, "cpu_bfloat16_is_faster", lambda: faster)
+    assert train.pick_dtype("auto", torch.device("cpu")) == expected
+    assert train.pick_dtype("float32", torch.device("cpu")) == "float32"  # an explicit dtype is never probed
+    run_train(data_dir, tmp_path / "out", "--max_iters=1", "--eval_interval=1", "--dtype=auto")
+    assert f"device cpu, dtype {expected}," in capsys.readouterr().out
+
+
+def test_bfloat16_probe_compares_measured_matmuls(monkeypatch):
+    speeds = {torch.bfloat16: 200e9, torch.float32: 100e9}
+    monkeypatch.setattr(train, "matmul_flops", lambda dtype, size, repeats=3: speeds[dtype])
+    assert train.cpu_bfloat16_is_faster()
+    speeds[torch.bfloat16] = 1e9  # emulated bf16, as on CPUs without bf16 arithmetic
+    assert not train.cpu_bfloat16_is_faster()
+
+
+def test_mfu_peak_is_measured_in_the_dtype_used(monkeypatch):
+    used = []
+    monkeypatch.setattr(train, "matmul_flops", lambda dtype, size, repeats=3: used.append(dtype) or 1e11)
+    train.peak_flops_of(torch.device("cpu"), "bfloat16")
+    train.peak_flops_of(torch.device("cpu"), "float32")
+    assert used == [torch.bfloat16, torch.float32]
