@@ -20,6 +20,7 @@ import difflib
 import inspect
 import itertools
 import json
+import operator
 import os
 import sys
 
@@ -87,6 +88,20 @@ def _convert(text, kind, key):
         raise UserError(f"--{key} must be {kind.__name__}, got {text!r}") from None
 
 
+ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+              ast.FloorDiv: operator.floordiv}
+
+
+def _literal(node):
+    """A Python literal, or arithmetic on numbers as in nanoGPT's recipes (`gradient_accumulation_steps = 5 * 8`)."""
+    if isinstance(node, ast.BinOp) and type(node.op) in ARITHMETIC:
+        left, right = _literal(node.left), _literal(node.right)
+        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (left, right)):
+            return ARITHMETIC[type(node.op)](left, right)
+        raise ValueError("arithmetic on numbers only")
+    return ast.literal_eval(node)
+
+
 def _read_config_file(path):
     """A nanoGPT-style config file of `key = value` lines (Python literals), or a JSON object. Nothing is executed."""
     try:
@@ -113,9 +128,10 @@ def _read_config_file(path):
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
             raise UserError(f"config file {path}, line {node.lineno}: only `key = value` lines are allowed")
         try:
-            values[node.targets[0].id] = ast.literal_eval(node.value)
-        except ValueError:
-            raise UserError(f"config file {path}, line {node.lineno}: the value must be a literal") from None
+            values[node.targets[0].id] = _literal(node.value)
+        except (ValueError, ZeroDivisionError, OverflowError):
+            raise UserError(f"config file {path}, line {node.lineno}: the value must be a literal, or arithmetic on "
+                            "numbers") from None
     return values
 
 
@@ -183,15 +199,14 @@ def parse_config(config_cls, argv=None, description="", nanogpt_flags=None):
 
 def config_help(config_cls, description="", nanogpt_flags=None):
     comments = _field_comments(config_cls)
-    lines = [description.strip(), "", "usage: [config_file ...] [--key=value ...] (or --key value; a bare --key means "
-             "True for a True/False setting)", ""]
+    usage = "usage: [config_file ...] [--key=value ...] (or --key value; a bare --key means True for True/False)"
+    lines = [description.strip(), "", usage, ""]
     flags = [(f"--{f.name}={f.default!r}", comments.get(f.name, "")) for f in dataclasses.fields(config_cls)]
     width = max(len(flag) for flag, _ in flags)
     lines += [f"  {flag:<{width}}  {comment}" for flag, comment in flags]
     if nanogpt_flags:
         names = ", ".join(f"--{name}" for name in nanogpt_flags)
-        lines += ["", f"nanoGPT's {names} are accepted too, each with a note saying what it became (README: Coming "
-                      "from nanoGPT)"]
+        lines += ["", f"nanoGPT's {names} are translated to the settings above (README: Coming from nanoGPT)"]
     return "\n".join(lines).lstrip()
 
 

@@ -19,7 +19,6 @@ import train
 from cli import UserError, parse_config
 from test_train import TINY, make_dataset
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: these models are tiny
 
 
@@ -37,7 +36,9 @@ def one_line_error(capsys, main, *flags):
 
 
 @pytest.mark.parametrize("config_cls, nanogpt_flags", [
-    (prepare.PrepareConfig, None), (train.TrainConfig, train.NANOGPT_FLAGS), (sample.SampleConfig, sample.NANOGPT_FLAGS),
+    (prepare.PrepareConfig, None),
+    (train.TrainConfig, train.NANOGPT_FLAGS),
+    (sample.SampleConfig, sample.NANOGPT_FLAGS),
 ])
 def test_a_bare_flag_means_true_for_every_bool_setting_and_takes_no_value(config_cls, nanogpt_flags):
     fields = dataclasses.fields(config_cls)
@@ -62,7 +63,9 @@ def test_a_bare_flag_for_a_setting_that_is_not_bool_still_needs_its_value(capsys
 
 
 def test_bare_compile_means_true_in_train_where_it_also_takes_auto():
-    parse = lambda *flags: parse_config(train.TrainConfig, list(flags), "", train.NANOGPT_FLAGS).compile  # noqa: E731
+    def parse(*flags):
+        return parse_config(train.TrainConfig, list(flags), "", train.NANOGPT_FLAGS).compile
+
     assert parse() == "auto" and parse("--compile=auto") == "auto"
     assert parse("--compile") is True and parse("--compile", "--eval_only") is True
     assert parse("--compile=False") is False and parse("--compile=True") is True
@@ -210,6 +213,41 @@ warmup_iters = 100 # not super necessary potentially
     assert capsys.readouterr().err.count("note: ") == 2
 
 
+def test_nanogpt_config_files_may_do_arithmetic_on_numbers(tmp_path, capsys):
+    """nanoGPT's config/train_gpt2.py (its wandb_log too), whose values include `5 * 8`; its files are Python."""
+    recipe = tmp_path / "train_gpt2.py"
+    recipe.write_text("""wandb_log = True
+wandb_project = 'owt'
+wandb_run_name='gpt2-124M'
+
+# these make the total batch size be ~0.5M
+# 12 batch size * 1024 block size * 5 gradaccum * 8 GPUs = 491,520
+batch_size = 12
+block_size = 1024
+gradient_accumulation_steps = 5 * 8
+
+# this makes total number of tokens be 300B
+max_iters = 600000
+lr_decay_iters = 600000
+
+# eval stuff
+eval_interval = 1000
+eval_iters = 200
+log_interval = 10
+
+# weight decay
+weight_decay = 1e-1
+min_lr = 6e-4 / 10
+""")
+    config = train_config(str(recipe))
+    assert (config.gradient_accumulation_steps, config.min_lr, config.eval_tokens, config.wandb_log,
+            config.wandb_run_name) == (40, pytest.approx(6e-5), 200 * 12 * 1024, True, "gpt2-124M")
+    for bad in ("'a' * 3", "True + 1", "1 / 0", "n_layer * 2"):
+        recipe.write_text(f"n_layer = {bad}\n")
+        with pytest.raises(UserError, match="line 1: the value must be a literal, or arithmetic on numbers"):
+            train_config(str(recipe))
+
+
 def test_a_run_with_nanogpt_flags_reads_data_dataset_and_evaluates_eval_iters_batches(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     os.makedirs("data/counting")
@@ -261,8 +299,9 @@ def test_sample_with_nanogpt_flags(ckpt_dir, tmp_path, capsys):
     captured = capsys.readouterr()
     samples = captured.out.split("\n" + "-" * 15 + "\n")
     assert len(samples) == 3 and all(s.startswith("The dog ran") for s in samples[:2])
-    assert captured.err.splitlines() == ["note: --init_from=resume is what sample.py always does: it samples "
-                                         f"{ckpt_dir}/ckpt.pt", "note: --start became --prompt (the text, or FILE:path)"]
+    assert captured.err.splitlines() == [
+        f"note: --init_from=resume is what sample.py always does: it samples {ckpt_dir}/ckpt.pt",
+        "note: --start became --prompt (the text, or FILE:path)"]
 
 
 def test_sample_init_from_gpt2_names_what_to_use_instead(capsys):
