@@ -53,6 +53,9 @@ def _field_comments(config_cls):
     return comments
 
 
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
 def _takes_bool(kind):
     """Whether a bare --key means True: a bool field, or one that also takes a word (train.py's compile: bool | str)."""
     return kind is bool or bool in getattr(kind, "__args__", ())
@@ -77,9 +80,9 @@ def _convert(text, kind, key):
             return text
         raise UserError(f"--{key} must be {kind.__name__}, got {text!r}")
     if kind is bool:
-        if text.lower() in ("true", "1", "yes", "on"):
+        if text.lower() in TRUE_WORDS:
             return True
-        if text.lower() in ("false", "0", "no", "off"):
+        if text.lower() in FALSE_WORDS:
             return False
         raise UserError(f"--{key} must be True or False, got {text!r}")
     try:
@@ -170,8 +173,9 @@ def parse_config(config_cls, argv=None, description="", nanogpt_flags=None):
             set_at[key] = next(positions)
 
     values, set_at, translate_later, positions = {}, {}, [], itertools.count()
-    args = iter(argv)
-    for arg in args:
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
         if not arg.startswith("--"):
             for key, value in _read_config_file(arg).items():
                 set_value(key, value, arg)
@@ -179,10 +183,18 @@ def parse_config(config_cls, argv=None, description="", nanogpt_flags=None):
             key, value = arg[2:].split("=", 1)
             set_value(key, value, "the command line")
         elif _takes_bool(kinds.get(arg[2:])):  # a bare --force or --eval_only means True; the next argument is its own
-            set_value(arg[2:], True, "the command line")
+            # unless it is True or False (`--kv_cache False`), or, for a setting that also takes words, a word that is
+            # neither a flag nor a config file (`--compile auto`)
+            follows = args[0] if args else "--"
+            takes_words = kinds[arg[2:]] is not bool
+            if follows.lower() in TRUE_WORDS + FALSE_WORDS or (
+                    takes_words and not follows.startswith("--") and not os.path.isfile(follows)):
+                set_value(arg[2:], args.pop(0), "the command line")
+            else:
+                set_value(arg[2:], True, "the command line")
         else:  # --key value, as in `python sample.py --prompt "Once upon a time"`
             check_known(arg[2:], "the command line")
-            value = next(args, None)
+            value = args.pop(0) if args else None
             if value is None or value.startswith("--"):
                 raise UserError(f"{arg} needs a value: --key=value or --key value")
             set_value(arg[2:], value, "the command line")

@@ -44,13 +44,16 @@ def test_a_bare_flag_means_true_for_every_bool_setting_and_takes_no_value(config
     fields = dataclasses.fields(config_cls)
     bools = [f.name for f in fields if f.type is bool]
     assert bools  # prepare: force, fix_mojibake; train: eval_only, plot, ...; sample: compile, kv_cache, ...
-    word = next(f.name for f in fields if f.type is str)
+    word_field = next(f.name for f in fields if f.type is str)
     for name in bools:
         # the next argument is a flag of its own, not this one's value
-        config = parse_config(config_cls, [f"--{name}", f"--{word}", "x"], "", nanogpt_flags)
-        assert getattr(config, name) is True and getattr(config, word) == "x"
+        config = parse_config(config_cls, [f"--{name}", f"--{word_field}", "x"], "", nanogpt_flags)
+        assert getattr(config, name) is True and getattr(config, word_field) == "x"
         assert getattr(parse_config(config_cls, [f"--{name}=False"], "", nanogpt_flags), name) is False
         assert getattr(parse_config(config_cls, [f"--{name}"], "", nanogpt_flags), name) is True  # the last argument
+        for word, value in (("False", False), ("true", True), ("0", False)):  # `--key value` as before
+            config = parse_config(config_cls, [f"--{name}", word, f"--{word_field}=y"], "", nanogpt_flags)
+            assert getattr(config, name) is value and getattr(config, word_field) == "y"
 
 
 def test_a_bare_flag_for_a_setting_that_is_not_bool_still_needs_its_value(capsys):
@@ -62,13 +65,18 @@ def test_a_bare_flag_for_a_setting_that_is_not_bool_still_needs_its_value(capsys
     assert "--max_iters needs a value" in one_line_error(capsys, train.main, "--max_iters", "--eval_only")
 
 
-def test_bare_compile_means_true_in_train_where_it_also_takes_auto():
+def test_bare_compile_means_true_in_train_where_it_also_takes_auto(tmp_path):
     def parse(*flags):
         return parse_config(train.TrainConfig, list(flags), "", train.NANOGPT_FLAGS).compile
 
     assert parse() == "auto" and parse("--compile=auto") == "auto"
     assert parse("--compile") is True and parse("--compile", "--eval_only") is True
     assert parse("--compile=False") is False and parse("--compile=True") is True
+    assert parse("--compile", "False") is False and parse("--compile", "auto") == "auto"
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text("n_layer = 3\n")
+    assert parse("--compile", str(recipe)) is True  # a config file after it is a config file
+    assert parse_config(train.TrainConfig, ["--compile", str(recipe)]).n_layer == 3
 
 
 def test_prepare_force_alone_rebuilds(tmp_path, capsys):
