@@ -8,15 +8,19 @@ The command line and config files of every slm script, and its one-line errors.
     config = parse_config(SampleConfig)   # python sample.py [config_file ...] [--key=value ...]
 
 Flags are nanoGPT's `--key=value` (or `--key value`), generated from the fields of one config dataclass per script;
-config files hold `key = value` lines (Python literals, never executed) or a JSON object. A UserError raised
-anywhere under run_main() becomes one line on stderr and exit code 2, never a traceback.
+a bare `--key` means True for a field that takes a bool. Config files hold `key = value` lines (Python literals, never
+executed) or a JSON object. nanoGPT's names that mean something else here are translated by a table of the script's
+(see parse_config). A UserError raised anywhere under run_main() becomes one line on stderr and exit code 2, never a
+traceback.
 """
 
 import ast
 import dataclasses
 import difflib
 import inspect
+import itertools
 import json
+import operator
 import os
 import sys
 
@@ -49,8 +53,24 @@ def _field_comments(config_cls):
     return comments
 
 
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _takes_bool(kind):
+    """Whether a bare --key means True: a bool field, or one that also takes a word (train.py's compile: bool | str)."""
+    return kind is bool or bool in getattr(kind, "__args__", ())
+
+
 def _convert(text, kind, key):
     """Turn one command-line string (or a config-file value) into the field's type, or say why not."""
+    if getattr(kind, "__args__", None):  # bool | str: the first type the value fits
+        *firsts, last = kind.__args__
+        for first in firsts:
+            try:
+                return _convert(text, first, key)
+            except UserError:
+                pass
+        return _convert(text, last, key)
     if kind is str and isinstance(text, (bool, int, float)):
         return str(text)  # a config file's `compile = False` is the string 'False' to a str field
     if not isinstance(text, str):  # config files give typed values already
@@ -60,15 +80,29 @@ def _convert(text, kind, key):
             return text
         raise UserError(f"--{key} must be {kind.__name__}, got {text!r}")
     if kind is bool:
-        if text.lower() in ("true", "1", "yes", "on"):
+        if text.lower() in TRUE_WORDS:
             return True
-        if text.lower() in ("false", "0", "no", "off"):
+        if text.lower() in FALSE_WORDS:
             return False
         raise UserError(f"--{key} must be True or False, got {text!r}")
     try:
         return kind(text)
     except ValueError:
         raise UserError(f"--{key} must be {kind.__name__}, got {text!r}") from None
+
+
+ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+              ast.FloorDiv: operator.floordiv}
+
+
+def _literal(node):
+    """A Python literal, or arithmetic on numbers as in nanoGPT's recipes (`gradient_accumulation_steps = 5 * 8`)."""
+    if isinstance(node, ast.BinOp) and type(node.op) in ARITHMETIC:
+        left, right = _literal(node.left), _literal(node.right)
+        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (left, right)):
+            return ARITHMETIC[type(node.op)](left, right)
+        raise ValueError("arithmetic on numbers only")
+    return ast.literal_eval(node)
 
 
 def _read_config_file(path):
@@ -97,54 +131,94 @@ def _read_config_file(path):
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
             raise UserError(f"config file {path}, line {node.lineno}: only `key = value` lines are allowed")
         try:
-            values[node.targets[0].id] = ast.literal_eval(node.value)
-        except ValueError:
-            raise UserError(f"config file {path}, line {node.lineno}: the value must be a literal") from None
+            values[node.targets[0].id] = _literal(node.value)
+        except (ValueError, ZeroDivisionError, OverflowError):
+            raise UserError(f"config file {path}, line {node.lineno}: the value must be a literal, or arithmetic on "
+                            "numbers") from None
     return values
 
 
-def parse_config(config_cls, argv=None, description=""):
+def parse_config(config_cls, argv=None, description="", nanogpt_flags=None):
     """
     Build a config_cls from config files and --key=value (or --key value) flags, nanoGPT style:
         python train.py [config_file ...] [--key=value ...]
     Files and flags are applied in the order given. An unknown key or a bad value is an error.
+
+    nanogpt_flags is a script's table of nanoGPT's names that mean something else here: name -> (its type,
+    translate). translate(value, config) is called once every other flag is applied, so that it sees the values in
+    effect, and returns (our settings to change, a note saying what the flag became, or None). A setting given after
+    the nanoGPT name wins over its translation.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    nanogpt_flags = nanogpt_flags or {}
+    kinds = {f.name: f.type for f in dataclasses.fields(config_cls)}
+    kinds.update({name: kind for name, (kind, _) in nanogpt_flags.items()})  # nanoGPT's meaning wins for a shared name
     if any(a in ("-h", "--help") for a in argv):
-        print(config_help(config_cls, description))
+        print(config_help(config_cls, description, nanogpt_flags))
         sys.exit(0)
 
-    def set_value(key, value, where):
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
+    def check_known(key, where):
+        if key not in kinds:
+            close = difflib.get_close_matches(key, kinds, n=1)
             hint = f" (did you mean --{close[0]}?)" if close else " (see --help)"
             raise UserError(f"unknown setting {key!r} in {where}{hint}")
-        values[key] = _convert(value, fields[key].type, key)
 
-    values = {}
-    args = iter(argv)
-    for arg in args:
+    def set_value(key, value, where):
+        check_known(key, where)
+        value = _convert(value, kinds[key], key)
+        if key in nanogpt_flags:
+            translate_later.append((next(positions), key, value))
+        else:
+            values[key] = value
+            set_at[key] = next(positions)
+
+    values, set_at, translate_later, positions = {}, {}, [], itertools.count()
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
         if not arg.startswith("--"):
             for key, value in _read_config_file(arg).items():
                 set_value(key, value, arg)
         elif "=" in arg:
             key, value = arg[2:].split("=", 1)
             set_value(key, value, "the command line")
+        elif _takes_bool(kinds.get(arg[2:])):  # a bare --force or --eval_only means True; the next argument is its own
+            # unless it is True or False (`--kv_cache False`), or, for a setting that also takes words, a word that is
+            # neither a flag nor a config file (`--compile auto`)
+            follows = args[0] if args else "--"
+            takes_words = kinds[arg[2:]] is not bool
+            if follows.lower() in TRUE_WORDS + FALSE_WORDS or (
+                    takes_words and not follows.startswith("--") and not os.path.isfile(follows)):
+                set_value(arg[2:], args.pop(0), "the command line")
+            else:
+                set_value(arg[2:], True, "the command line")
         else:  # --key value, as in `python sample.py --prompt "Once upon a time"`
-            value = next(args, None)
+            check_known(arg[2:], "the command line")
+            value = args.pop(0) if args else None
             if value is None or value.startswith("--"):
                 raise UserError(f"{arg} needs a value: --key=value or --key value")
             set_value(arg[2:], value, "the command line")
-    return config_cls(**values)
+    config = config_cls(**values)
+    for position, name, value in translate_later:
+        changes, note = nanogpt_flags[name][1](value, config)
+        if any(set_at.get(key, -1) > position for key in changes):
+            continue  # --eval_tokens after --eval_iters: the later one wins, as any setting given twice
+        config = dataclasses.replace(config, **changes)
+        if note and os.environ.get("RANK", "0") == "0":  # one note under torchrun, not one per process
+            print(f"note: {note}", file=sys.stderr)
+    return config
 
 
-def config_help(config_cls, description=""):
+def config_help(config_cls, description="", nanogpt_flags=None):
     comments = _field_comments(config_cls)
-    lines = [description.strip(), "", "usage: [config_file ...] [--key=value ...] (or --key value)", ""]
+    usage = "usage: [config_file ...] [--key=value ...] (or --key value; a bare --key means True for True/False)"
+    lines = [description.strip(), "", usage, ""]
     flags = [(f"--{f.name}={f.default!r}", comments.get(f.name, "")) for f in dataclasses.fields(config_cls)]
     width = max(len(flag) for flag, _ in flags)
     lines += [f"  {flag:<{width}}  {comment}" for flag, comment in flags]
+    if nanogpt_flags:
+        names = ", ".join(f"--{name}" for name in nanogpt_flags)
+        lines += ["", f"nanoGPT's {names} are translated to the settings above (README: Coming from nanoGPT)"]
     return "\n".join(lines).lstrip()
 
 

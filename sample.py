@@ -52,6 +52,23 @@ class SampleConfig:
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def init_from_as_nanogpt(init_from, config):
+    if init_from != "resume":
+        raise UserError(f"--init_from={init_from}: sample.py samples only a checkpoint of ours, out_dir/ckpt.pt "
+                        "(nanoGPT's --init_from=resume); Hugging Face models such as GPT-2, or export.py's output, "
+                        "are not loaded here: sample those with transformers")
+    return {}, f"--init_from=resume is what sample.py always does: it samples {config.out_dir}/ckpt.pt"
+
+
+# nanoGPT's sample.py flags whose name differs here: name -> (type, translate(value, config) -> (our settings, a note)),
+# applied by parse_config to flags and config files alike. nanoGPT's other flags mean the same here (README: Coming
+# from nanoGPT).
+NANOGPT_FLAGS = {
+    "start": (str, lambda start, config: ({"prompt": start}, "--start became --prompt (the text, or FILE:path)")),
+    "init_from": (str, init_from_as_nanogpt),
+}
+
+
 def check_settings(temperature, top_k, top_p, num_samples=1, max_new_tokens=0):
     """Reject settings that cannot sample, before the model is loaded."""
     problems = []
@@ -276,7 +293,7 @@ def generate_text(model, tokenizer, prompt, num_samples=1, max_new_tokens=500, t
 
 
 def main(argv=None):
-    config = parse_config(SampleConfig, argv, __doc__)
+    config = parse_config(SampleConfig, argv, __doc__, NANOGPT_FLAGS)
     check_settings(config.temperature, config.top_k, config.top_p, config.num_samples, config.max_new_tokens)
     prompt = read_prompt(config.prompt)
     model, tokenizer = load_model(config.out_dir, config.device, config.dtype, config.compile)

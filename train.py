@@ -47,6 +47,9 @@ class TrainConfig:
     eval_only: bool = False  # evaluate once and exit
     always_save_checkpoint: bool = True  # save at every eval; False keeps only the best val loss
     plot: bool = True  # redraw out_dir/loss.png at every eval
+    wandb_log: bool = False  # also log to Weights & Biases (pip install wandb); WANDB_MODE=offline keeps it local
+    wandb_project: str = "slm"  # the wandb project
+    wandb_run_name: str = ""  # the wandb run's name; empty means out_dir's folder name
     # data
     batch_size: int = 64  # sequences per micro-step (per GPU); lower it when memory runs out
     block_size: int = 512  # context length in tokens
@@ -78,7 +81,7 @@ class TrainConfig:
     # system
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
     dtype: str = "auto"  # auto (GPU: bfloat16, else float16; CPU: bfloat16 if a probe finds it faster), or one of those
-    compile: str = "auto"  # torch.compile the model: auto (on for CUDA), True or False
+    compile: bool | str = "auto"  # torch.compile the model: auto (on for CUDA), True or False
     seed: int = 1337  # seeds init, batch order and dropout; each DDP rank adds its rank
     peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 looks it up (GPU) or measures a matmul (CPU)
 
@@ -91,6 +94,34 @@ class TrainConfig:
 # - 5000 steps x (64 x 512 x 4 = 131K tokens) = 655M tokens, about 1.4 epochs of TinyStories' 472M training tokens,
 #   in 655M / 1.14M = 10 min, leaving room for compilation and evaluation inside 15 minutes. The val loss it reaches
 #   on the full dataset has not been measured yet.
+
+
+def eval_iters_as_tokens(eval_iters, config):
+    if eval_iters < 1:
+        raise UserError(f"--eval_iters must be at least 1, got {eval_iters}")
+    eval_tokens = eval_iters * config.batch_size * config.block_size
+    return {"eval_tokens": eval_tokens}, (f"--eval_iters={eval_iters} became --eval_tokens={eval_tokens} "
+                                          f"({eval_iters} batches of {config.batch_size} x {config.block_size} tokens)")
+
+
+def init_from_as_nanogpt(init_from, config):
+    if init_from.startswith("gpt2"):
+        raise UserError(f"--init_from={init_from}: OpenAI's GPT-2 weights are not loaded here; train from scratch "
+                        "(--init_from=scratch) or continue a run of ours (--init_from=resume)")
+    return {"init_from": init_from}, None
+
+
+# nanoGPT's train.py flags whose name or values differ here: name -> (type, translate(value, config) -> (our settings,
+# a note)), applied by parse_config to flags and config files alike. nanoGPT's other flags mean the same here (README:
+# Coming from nanoGPT).
+NANOGPT_FLAGS = {
+    "eval_iters": (int, eval_iters_as_tokens),
+    "dataset": (str, lambda name, config: ({"data_dir": os.path.join("data", name)},
+                                           f"--dataset={name} became --data_dir={os.path.join('data', name)}")),
+    "init_from": (str, init_from_as_nanogpt),
+    "backend": (str, lambda backend, config: ({}, f"--backend={backend} is not needed: under torchrun train.py picks "
+                                                  "nccl on GPUs and gloo on CPUs")),
+}
 
 
 def validate(config):
@@ -775,6 +806,17 @@ def keep_freed_memory():
 # training loop
 
 
+def start_wandb(config, run_id):
+    """A Weights & Biases run, new or (run_id from the checkpoint) the resumed one. wandb is imported only here."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--wandb_log=True needs wandb: pip install wandb") from None
+    name = config.wandb_run_name or os.path.basename(os.path.abspath(config.out_dir))
+    return wandb.init(project=config.wandb_project, name=name, id=run_id, resume="allow" if run_id else None,
+                      config=dataclasses.asdict(config))
+
+
 def micro_steps_per_process(config, block_size, world_size):
     """
     Micro-steps per optimizer step: given (nanoGPT's --gradient_accumulation_steps), or as many as make
@@ -796,7 +838,7 @@ def micro_steps_per_process(config, block_size, world_size):
 
 
 def main(argv=None):
-    config = parse_config(TrainConfig, argv, __doc__)
+    config = parse_config(TrainConfig, argv, __doc__, NANOGPT_FLAGS)
     validate(config)
     if config.eval_only:
         config.init_from = "resume"  # evaluating means evaluating the checkpoint in out_dir
@@ -850,7 +892,7 @@ def main(argv=None):
     log_path = os.path.join(config.out_dir, "log.jsonl")
 
     # model, optimizer, loss scaler: fresh, or exactly as they were saved
-    iter_num, best_val_loss, elapsed_before, train_s = 0, float("inf"), 0.0, 0.0
+    iter_num, best_val_loss, elapsed_before, train_s, wandb_run_id = 0, float("inf"), 0.0, 0.0, None
     if config.init_from == "resume":
         checkpoint = load_checkpoint(ckpt_path)
         model_args = checkpoint["model_args"]  # the architecture is the checkpoint's, whatever the flags say
@@ -860,6 +902,7 @@ def main(argv=None):
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
         elapsed_before = checkpoint.get("elapsed_s", 0.0)
         train_s = checkpoint.get("train_s", 0.0)  # training time already spent, for --max_minutes
+        wandb_run_id = checkpoint.get("wandb_run_id")  # the resumed run logs into the same wandb run
         trained_with = checkpoint["config"].get("optimizer", "adamw")
         if trained_with != config.optimizer:
             raise UserError(f"{ckpt_path} was trained with --optimizer={trained_with}: resume with the same "
@@ -905,6 +948,7 @@ def main(argv=None):
         dst = os.path.join(config.out_dir, meta["tokenizer_file"])
         shutil.copyfile(os.path.join(config.data_dir, meta["tokenizer_file"]), dst + ".tmp")
         os.replace(dst + ".tmp", dst)
+    wandb_run = start_wandb(config, wandb_run_id) if master and config.wandb_log and not config.eval_only else None
 
     raw_model = model  # the bare GPT: its state_dict has no compile/DDP prefixes
     if compile_model:
@@ -928,7 +972,7 @@ def main(argv=None):
             "scaler": scaler.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss, "val_loss": val_loss,
             "model_args": model_args, "config": dataclasses.asdict(config), "meta": meta, "rng": rng_state(),
             "elapsed_s": elapsed_before + time.time() - t_start, "train_s": train_s,
-            "tokens": iter_num * tokens_per_iter,
+            "tokens": iter_num * tokens_per_iter, "wandb_run_id": wandb_run.id if wandb_run else wandb_run_id,
         }
 
     # Ctrl-C finishes the current step, saves a checkpoint and exits; a second Ctrl-C stops at once
@@ -978,11 +1022,13 @@ def main(argv=None):
             if not all(math.isfinite(v) for v in losses.values()):
                 raise UserError(f"the loss became {losses['val']} at iter {iter_num}; {ckpt_path} keeps the last "
                                 "good checkpoint. Try a lower --learning_rate, or --dtype=bfloat16/float32")
+            row = {"iter": iter_num, "tokens": iter_num * tokens_per_iter, "train_loss": losses["train"],
+                   "val_loss": losses["val"], "val_bpb": val_bpb, "lr": lr,
+                   "elapsed_s": round(elapsed_before + time.time() - t_start, 3), "train_s": round(train_s, 3)}
             with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"iter": iter_num, "tokens": iter_num * tokens_per_iter,
-                                    "train_loss": losses["train"], "val_loss": losses["val"], "val_bpb": val_bpb,
-                                    "lr": lr, "elapsed_s": round(elapsed_before + time.time() - t_start, 3),
-                                    "train_s": round(train_s, 3)}) + "\n")
+                f.write(json.dumps(row) + "\n")
+            if wandb_run:
+                wandb_run.log(row, step=iter_num)
             if config.plot:
                 plot_losses(log_path, os.path.join(config.out_dir, "loss.png"))
             if iter_num > 0 and (losses["val"] < best_val_loss or config.always_save_checkpoint):
@@ -1035,6 +1081,9 @@ def main(argv=None):
                 eta, so_far = (config.max_iters - iter_num) * dt, f"{config.max_iters}"
             say(f"iter {iter_num}/{so_far} | loss {loss_now:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | "
                 f"{tokens_per_s:,.0f} tok/s | mfu {mfu * 100:.1f}% | eta {int(eta // 60)}m{int(eta % 60):02d}s")
+            if wandb_run:
+                wandb_run.log({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "loss": loss_now, "lr": lr,
+                               "tokens_per_s": tokens_per_s, "mfu": mfu}, step=iter_num)
 
         stop = bool(stop_requested)
         if ddp:  # every process must stop after the same step and read the same clock: they agree every log_interval
@@ -1054,6 +1103,8 @@ def main(argv=None):
                     say(f"interrupted at iter {iter_num}; {ckpt_path} keeps the best val loss")
             break
 
+    if wandb_run:
+        wandb_run.finish()
     if ddp:
         torch.distributed.barrier()  # rank 0 may still be evaluating and saving: leave together
         torch.distributed.destroy_process_group()
