@@ -168,6 +168,14 @@ def linear_for_few_rows(self, x):
 
 def read_prompt(prompt):
     """--prompt as text: itself, or the contents of a file for FILE:path."""
+    if any("\udc80" <= c <= "\udcff" for c in prompt):
+        # Python decoded the command line with an ASCII locale (LC_ALL=C), keeping each other byte as a surrogate:
+        # those are the prompt's UTF-8 bytes.
+        try:
+            prompt = os.fsencode(prompt).decode("utf-8")
+        except UnicodeError:
+            raise UserError("the prompt is not UTF-8 text: give it in UTF-8, or as --prompt=FILE:path to a UTF-8 "
+                            "file") from None
     if prompt.startswith("FILE:"):
         path = prompt[len("FILE:"):]
         try:

@@ -362,7 +362,10 @@ def sample_next_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=Non
     """One token per row of logits (B, V): greedy at temperature 0, else from the top_k / top_p filtered softmax."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # Measured from the largest logit, which becomes 0, a tiny temperature sends the others to -inf: greedy, where
+    # dividing first overflowed to inf - inf = nan. (Below float32's smallest normal number it would round to 0.)
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
     ids = None  # once logits are cut down to candidates: the token id of each column
     if top_k and top_k < logits.size(-1):
         # only the k likeliest can be drawn, so draw among just those: a 50K-way draw costs ~1 ms on a CPU
@@ -394,10 +397,11 @@ def load_meta(data_dir):
     rebuild = f"re-run prepare.py to rebuild {data_dir}"
     try:
         with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
+            text = f.read()
+        meta = json.loads(text)
     except (OSError, ValueError) as e:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
-        raise UserError(f"{path} is damaged or unreadable ({str(e).splitlines()[0][:80] or 'empty'}): {rebuild}") \
-            from None
+        reason = "empty" if not os.path.getsize(path) else str(e).splitlines()[0][:80]
+        raise UserError(f"{path} is damaged or unreadable ({reason}): {rebuild}") from None
     try:
         itemsize = {"uint16": 2, "uint32": 4}[meta["dtype"]]
         files = {split: (os.path.join(data_dir, meta[split]["file"]), int(meta[split]["tokens"]))

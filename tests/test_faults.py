@@ -37,7 +37,7 @@ def snapshot(folder):
 
 
 def one_line_error(capsys, main, *argv):
-    """Run a script's main as its command line does: one line on stderr, exit code 2."""
+    """Run a script's main as its command line does: one line on stderr, exit code 2. Returns the message."""
     with pytest.raises(SystemExit) as e:
         cli.run_main(main, list(argv))
     err = capsys.readouterr().err
@@ -46,7 +46,7 @@ def one_line_error(capsys, main, *argv):
     assert "Traceback" not in err and err.endswith("\n") and err.count(": error: ") == 1, err
     line = err.splitlines()[-1]
     assert ": error: " in line, err
-    return line
+    return line.split(": error: ", 1)[1]  # (in-process, the script is called __main__.py or pytest)
 
 
 def script(name, *args, **kwargs):
@@ -232,3 +232,379 @@ def test_meta_records_the_tokenizers_content_hash(tmp_path):
     # a tokenizer.json swapped in the data folder is not trusted: the next prepare.py run rebuilds
     (tmp_path / "out" / "tokenizer.json").write_text((tmp_path / "out" / "tokenizer.json").read_text() + " ")
     assert prepare.read_meta_if_complete(str(tmp_path / "out"), bpe["settings"]) is None
+
+
+# -----------------------------------------------------------------------------
+# train.py: the run's files, the data it trains on, and its tokenizer
+
+STORIES = ["Tom had a red ball. He liked to play with it in the park.",
+           "Lily saw a big dog. The dog was kind and they ran together.",
+           "Ben and Mia made a cake. It was sweet and they were happy."]
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4",
+        "--gradient_accumulation_steps=1", "--eval_tokens=64", "--log_interval=1", "--warmup_iters=1",
+        "--learning_rate=1e-2", "--min_lr=1e-3", "--device=cpu", "--compile=False", "--plot=False",
+        "--peak_flops=1e12"]
+
+
+def make_bpe_data(data_dir, words):
+    """A bpe:300 data folder as prepare.py writes it, its tokenizer trained on stories made of `words`: two calls with
+    other words make two different tokenizers that share the name bpe:300."""
+    os.makedirs(data_dir)
+    texts = [f"{s} {words}" for s in STORIES] * 4
+    prepare.train_bpe(300, iter([texts]), os.path.join(data_dir, "tokenizer.json"))
+    tokenizer = prepare.Tokenizer("bpe:300", os.path.join(data_dir, "tokenizer.json"))
+    meta = {"tokenizer": "bpe:300", "tokenizer_file": "tokenizer.json", "tokenizer_sha256": tokenizer.sha256,
+            "vocab_size": tokenizer.vocab_size, "eot_token": tokenizer.eot_token, "dtype": "uint16"}
+    for split, repeat in (("train", 12), ("val", 3)):
+        ids = tokenizer.encode_stories(texts * repeat).astype(np.uint16)
+        ids.tofile(os.path.join(data_dir, f"{split}.bin"))
+        meta[split] = {"file": f"{split}.bin", "tokens": len(ids), "stories": len(texts) * repeat,
+                       "bytes": len("".join(texts * repeat).encode())}
+    with open(os.path.join(data_dir, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return meta
+
+
+def train_main(argv):
+    import train
+
+    return train.main(argv)
+
+
+def run_train(data_dir, out_dir, *flags):
+    cli.run_main(train_main, [f"--data_dir={data_dir}", f"--out_dir={out_dir}", *TINY, *flags])
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """A data folder, and a run trained on it for 4 steps: (data_dir, out_dir)."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    make_bpe_data(data, "apples and pears")
+    run_train(data, out, "--max_iters=4", "--eval_interval=2")
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "log.jsonl", "tokenizer.json"]
+    return data, out
+
+
+def test_a_new_run_never_overwrites_a_trained_checkpoint(trained, capsys):
+    data, out = trained
+    before = snapshot(out)
+    err = one_line_error(capsys, train_main, f"--data_dir={data}", f"--out_dir={out}", *TINY, "--max_iters=2")
+    assert err == (f"{out / 'ckpt.pt'} holds a trained checkpoint that a new run would replace: "
+                   "continue it with --init_from=resume, choose another --out_dir, or start over with "
+                   "--overwrite=True (replaces its ckpt.pt and log.jsonl)")
+    assert snapshot(out) == before  # no log wiped, no tokenizer copied
+    # --overwrite=True starts over, as asked
+    run_train(data, out, "--max_iters=2", "--eval_interval=2", "--overwrite=True")
+    import torch
+
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 2
+    assert [json.loads(line)["iter"] for line in (out / "log.jsonl").read_text().splitlines()] == [0, 2]
+    with pytest.raises(UserError, match="--overwrite=True starts a new run .* neither --init_from=resume"):
+        train_main([f"--data_dir={data}", f"--out_dir={out}", *TINY, "--overwrite=True", "--init_from=resume"])
+
+
+@pytest.mark.parametrize("mode", ["--init_from=resume", "--eval_only=True"])
+@pytest.mark.parametrize("old_meta", [False, True], ids=["hash-in-meta", "meta-without-hash"])
+def test_another_tokenizer_of_the_same_name_is_refused(trained, tmp_path, capsys, mode, old_meta):
+    data, out = trained
+    other = tmp_path / "other"
+    meta = make_bpe_data(other, "rockets and stars")  # also bpe:300, with another vocabulary
+    if old_meta:  # as prepare.py wrote it before it recorded the hash: the hash comes from the file
+        del meta["tokenizer_sha256"]
+        (other / "meta.json").write_text(json.dumps(meta))
+    before = snapshot(out)
+    err = one_line_error(capsys, train_main, f"--data_dir={other}", f"--out_dir={out}", *TINY, "--max_iters=6", mode)
+    assert f"{out / 'ckpt.pt'} was trained with another bpe:300 tokenizer than the one that made {other}" in err
+    assert err.endswith("the same ids mean other text. Use the --data_dir it was trained on")
+    assert snapshot(out) == before  # the run's tokenizer.json above all
+
+
+def test_eval_only_writes_nothing_at_all(trained, capsys):
+    data, out = trained
+    before = snapshot(out)
+    run_train(data, out, "--eval_only=True", "--plot=True")
+    assert "eval iter 4:" in capsys.readouterr().out
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("empty", "meta.json is damaged or unreadable (empty"),
+    ("truncated", "meta.json is damaged or unreadable ("),
+    ("binary", "meta.json is damaged or unreadable ("),
+    ("a list", "meta.json is not a complete meta.json of prepare.py"),
+    ("no dtype", "meta.json is not a complete meta.json of prepare.py"),
+    ("short train.bin", "train.bin holds "),
+    ("empty val.bin", "val.bin holds 0 bytes but meta.json says "),
+    ("no val.bin", "val.bin is missing"),
+    ("other tokenizer.json", "tokenizer.json is missing or is not the tokenizer that made this data"),
+])
+def test_a_damaged_data_folder_is_one_line_at_start_up(tmp_path, capsys, damage, message):
+    data = tmp_path / "data"
+    meta = make_bpe_data(data, "apples")
+    text = (data / "meta.json").read_text()
+    if damage == "empty":
+        (data / "meta.json").write_text("")
+    elif damage == "truncated":
+        (data / "meta.json").write_text(text[:len(text) // 2])
+    elif damage == "binary":
+        (data / "meta.json").write_bytes(b"\x89PNG\xff\xfe\x00")
+    elif damage == "a list":
+        (data / "meta.json").write_text("[1, 2]")
+    elif damage == "no dtype":
+        (data / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "dtype"}))
+    elif damage == "short train.bin":
+        with open(data / "train.bin", "r+b") as f:
+            f.truncate(f.seek(0, 2) - 2)
+    elif damage == "empty val.bin":
+        (data / "val.bin").write_bytes(b"")
+    elif damage == "no val.bin":
+        (data / "val.bin").unlink()
+    elif damage == "other tokenizer.json":
+        prepare.train_bpe(300, iter([["zebra zoo " * 20] * 10]), str(data / "tokenizer.json"))
+    before = snapshot(data)
+    err = one_line_error(capsys, train_main, f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", *TINY)
+    assert message in err and f"re-run prepare.py to rebuild {data}" in err
+    if damage == "short train.bin":
+        assert f"but meta.json says {meta['train']['tokens']:,} uint16 tokens" in err and "half-copied" in err
+    assert not (tmp_path / "out").exists()  # found before anything was written
+    assert snapshot(data) == before
+
+
+def test_too_little_data_for_the_context_is_found_at_start_up(tmp_path, capsys):
+    data = tmp_path / "data"
+    make_bpe_data(data, "apples")
+    err = one_line_error(capsys, train_main, f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", *TINY,
+                         "--block_size=4096", "--eval_interval=100")
+    assert "split has" in err and "fewer than block_size + 1 = 4097" in err
+    assert not (tmp_path / "out" / "log.jsonl").exists()
+
+
+def test_out_dir_that_is_a_file_or_read_only(tmp_path, capsys):
+    data = tmp_path / "data"
+    make_bpe_data(data, "apples")
+    (tmp_path / "out").write_bytes(b"my file")
+    err = one_line_error(capsys, train_main, f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", *TINY)
+    assert err == f"--out_dir={tmp_path / 'out'} is a file, not a folder: choose another --out_dir"
+    assert (tmp_path / "out").read_bytes() == b"my file"
+    if os.geteuid() != 0:  # root may write anywhere
+        (tmp_path / "ro").mkdir(mode=0o555)
+        err = one_line_error(capsys, train_main, f"--data_dir={data}", f"--out_dir={tmp_path / 'ro'}", *TINY)
+        assert "cannot write to --out_dir=" in err and "(Permission denied)" in err
+        assert os.listdir(tmp_path / "ro") == []
+
+
+def test_nan_before_any_checkpoint_says_so(tmp_path, capsys, monkeypatch):
+    import torch
+
+    import train
+
+    data = tmp_path / "data"
+    make_bpe_data(data, "apples")
+    real_forward = train.GPT.forward
+
+    def forward_nan(self, idx, targets=None, kv_cache=None):
+        logits, loss = real_forward(self, idx, targets, kv_cache)
+        return logits, (loss * float("nan") if torch.is_grad_enabled() else loss)
+
+    monkeypatch.setattr(train.GPT, "forward", forward_nan)
+    err = one_line_error(capsys, train_main, f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", *TINY,
+                         "--max_iters=10", "--eval_interval=5")
+    assert err.startswith("the loss became nan at iter 1; no checkpoint was saved before it. Try")
+    assert "keeps the last good checkpoint" not in err
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def train_cli(data, out, *flags):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), f"--data_dir={data}", f"--out_dir={out}",
+                             *TINY, *flags], cwd=ROOT, env=PY_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_for_line(proc, start):
+    for line in proc.stdout:
+        if line.startswith(start):
+            return line
+    raise AssertionError(f"no line starting {start!r}; stderr: {proc.stderr.read()}")
+
+
+def test_ctrl_c_during_start_up_is_one_line_and_130(tmp_path):
+    data = tmp_path / "data"
+    make_bpe_data(data, "apples")
+    proc = train_cli(data, tmp_path / "out", "--max_iters=100000", "--peak_flops=0")  # a CPU matmul at start-up
+    wait_for_line(proc, "config:")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "train.py: interrupted\n", err
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_a_second_ctrl_c_in_training_is_one_line_and_130(tmp_path):
+    data = tmp_path / "data"
+    make_bpe_data(data, "apples")
+    out = tmp_path / "out"
+    proc = train_cli(data, out, "--max_iters=100000", "--eval_interval=100000")
+    wait_for_line(proc, "iter 2/")
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.count("\n") == 1 and err.startswith("train.py: interrupted") and "Traceback" not in err
+    assert not [name for name in os.listdir(out) if name.endswith(".tmp")]  # no half-written checkpoint
+    if (out / "ckpt.pt").exists():  # (when the first Ctrl-C's save finished before the second one came)
+        import torch
+
+        assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] >= 2
+
+
+# -----------------------------------------------------------------------------
+# sample.py and export.py: a run's folder
+
+
+def sample_main(argv):
+    import sample
+
+    return sample.main(argv)
+
+
+def export_main(argv):
+    import export
+
+    return export.main(argv)
+
+
+def test_a_swapped_tokenizer_beside_the_checkpoint_is_refused(trained, tmp_path, capsys):
+    data, out = trained
+    make_bpe_data(tmp_path / "other", "rockets and stars")
+    (out / "tokenizer.json").write_bytes((tmp_path / "other" / "tokenizer.json").read_bytes())
+    before = snapshot(tmp_path)
+    for main in (sample_main, export_main):
+        err = one_line_error(capsys, main, f"--out_dir={out}", "--device=cpu" if main is sample_main else
+                             f"--hf_dir={tmp_path / 'hf'}")
+        assert f"{out / 'tokenizer.json'} is not the tokenizer the checkpoint was made with" in err
+        assert err.endswith(f"copy the tokenizer.json of the data folder this run was trained on into {out}")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_missing_tokenizer_beside_the_checkpoint_says_copy_it(trained, tmp_path, capsys):
+    data, out = trained
+    (out / "tokenizer.json").unlink()
+    before = snapshot(tmp_path)
+    for main in (sample_main, export_main):
+        err = one_line_error(capsys, main, f"--out_dir={out}", "--device=cpu" if main is sample_main else
+                             f"--hf_dir={tmp_path / 'hf'}")
+        assert err.endswith(f"not found at {out / 'tokenizer.json'}: copy tokenizer.json from the data folder this "
+                            f"run was trained on into {out}")
+        assert "prepare.py" not in err
+    assert snapshot(tmp_path) == before
+
+
+def test_re_export_replaces_only_its_own_files(trained, tmp_path):
+    data, out = trained
+    hf = tmp_path / "hf"
+    export_main([f"--out_dir={out}", f"--hf_dir={hf}"])
+    exported = snapshot(hf)
+    # a Hugging Face repo clone: its .git, the user's notes and a folder of their own
+    (hf / ".git").mkdir()
+    (hf / ".git" / "HEAD").write_bytes(b"ref: refs/heads/main\n")
+    (hf / "notes.md").write_bytes(b"my notes \xe2\x9c\x8d\n")
+    (hf / "eval").mkdir()
+    (hf / "eval" / "results.json").write_bytes(b"{}")
+    run_train(data, out, "--max_iters=6", "--eval_interval=2", "--init_from=resume")
+    export_main([f"--out_dir={out}", f"--hf_dir={hf}"])
+    after = snapshot(hf)
+    assert {k: after[k] for k in (".git/HEAD", "notes.md", "eval/results.json")} == {
+        ".git/HEAD": b"ref: refs/heads/main\n", "notes.md": b"my notes \xe2\x9c\x8d\n", "eval/results.json": b"{}"}
+    assert set(after) == set(exported) | {".git/HEAD", "notes.md", "eval/results.json"}
+    assert after["model.safetensors"] != exported["model.safetensors"]  # the new weights
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".hf")] == []  # no temporary folders left
+
+
+def test_a_fresh_repo_clone_takes_an_export(trained, tmp_path):
+    data, out = trained
+    hf = tmp_path / "clone"
+    (hf / ".git").mkdir(parents=True)
+    (hf / ".gitattributes").write_bytes(b"*.safetensors filter=lfs\n")
+    export_main([f"--out_dir={out}", f"--hf_dir={hf}"])
+    assert (hf / ".gitattributes").read_bytes() == b"*.safetensors filter=lfs\n" and (hf / "config.json").exists()
+
+
+def test_a_failed_re_export_puts_the_earlier_one_back(trained, tmp_path, monkeypatch, capsys):
+    data, out = trained
+    hf = tmp_path / "hf"
+    export_main([f"--out_dir={out}", f"--hf_dir={hf}"])
+    (hf / "notes.md").write_bytes(b"mine")
+    before = snapshot(hf)
+    run_train(data, out, "--max_iters=6", "--eval_interval=2", "--init_from=resume")
+    real_replace, calls = os.replace, []
+
+    def replace_then_fail(src, dst):
+        calls.append(dst)
+        if len(calls) == 5:  # some files are new, others still old
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_then_fail)
+    err = one_line_error(capsys, export_main, f"--out_dir={out}", f"--hf_dir={hf}")
+    assert "No space left on device" in err
+    assert snapshot(hf) == before
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".hf")] == []
+
+
+# -----------------------------------------------------------------------------
+# sample.py as a process: signals, pipes, locale, and sampling settings at the edges
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    make_bpe_data(root / "data", "apples and pears")
+    run_train(root / "data", root / "out", "--max_iters=2", "--eval_interval=2")
+    return root / "out"
+
+
+def sample_cli(run_dir, *flags, **kwargs):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "sample.py"), f"--out_dir={run_dir}", "--device=cpu",
+                             *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=kwargs.get("env", PY_ENV))
+
+
+def test_ctrl_c_while_sampling_is_one_line_and_130(run_dir):
+    before = snapshot(run_dir)
+    proc = sample_cli(run_dir, "--max_new_tokens=1000000", "--stop_at_eot=False", "--num_samples=1")
+    assert proc.stdout.read(20)  # generating
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == b"sample.py: interrupted\n", err
+    assert snapshot(run_dir) == before
+
+
+def test_output_into_a_closed_pipe_ends_quietly(run_dir):
+    proc = sample_cli(run_dir, "--max_new_tokens=1000000", "--stop_at_eot=False", "--num_samples=1")
+    assert proc.stdout.read(20)
+    proc.stdout.close()  # as `| head -c 20` does
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 141 and err == b"", err
+
+
+def test_an_ascii_locale_with_a_non_ascii_prompt(run_dir):
+    import sample
+
+    env = dict(PY_ENV, LC_ALL="C", PYTHONUTF8="0")
+    env.pop("PYTHONIOENCODING", None)
+    proc = sample_cli(run_dir, "--prompt", "Café 🍰", "--max_new_tokens=5", "--num_samples=1", "--seed=3", env=env)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and err == b"", err
+    model, tokenizer = sample.load_model(str(run_dir), device="cpu")
+    expected = sample.generate_text(model, tokenizer, "Café 🍰", 1, 5, seed=3)[0]
+    # an ASCII console shows what it cannot as '?'; the model was given the real prompt
+    assert out.decode("ascii") == ("Café 🍰" + expected).encode("ascii", "replace").decode() + "\n" + "-" * 15 + "\n"
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-45, 5e-324])
+def test_a_tiny_temperature_is_greedy_not_a_crash(run_dir, temperature):
+    import sample
+
+    model, tokenizer = sample.load_model(str(run_dir), device="cpu")
+    greedy = sample.generate_text(model, tokenizer, "Tom had", 2, 12, temperature=0, stop_at_eot=False)
+    tiny = sample.generate_text(model, tokenizer, "Tom had", 2, 12, temperature=temperature, stop_at_eot=False)
+    assert tiny == greedy
