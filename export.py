@@ -86,13 +86,15 @@ def main(argv=None):
             if name in written:
                 placed.append(name)
                 os.replace(os.path.join(tmp, name), os.path.join(hf_dir, name))
-    except OSError as e:
+    except BaseException as e:  # a full disk, Ctrl-C, ...
         for name in placed:  # the failed swap takes the new files out and puts the earlier export back
             if os.path.exists(os.path.join(hf_dir, name)) and not os.path.exists(os.path.join(old, name)):
                 os.remove(os.path.join(hf_dir, name))
         for name in os.listdir(old) if os.path.isdir(old) else []:
             os.replace(os.path.join(old, name), os.path.join(hf_dir, name))
-        raise UserError(f"writing {hf_dir} failed ({e}); check the free space and permissions") from None
+        if isinstance(e, OSError):
+            raise UserError(f"writing {hf_dir} failed ({e}); check the free space and permissions") from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)

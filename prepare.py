@@ -223,6 +223,8 @@ def main(argv=None):
               "tokens); --force=True rebuilds it")
         return meta
 
+    if os.path.exists(os.path.join(cfg.data_dir, "ckpt.pt")):  # it would replace (or remove) the run's tokenizer.json
+        raise UserError(f"--data_dir={cfg.data_dir} holds a training run (ckpt.pt): give the data a folder of its own")
     out = {name: os.path.join(cfg.data_dir, name) for name in ("train.bin", "val.bin", "tokenizer.json", "meta.json")}
     tmp = {name: path + ".tmp" for name, path in out.items()}
     try:  # find out now, not after an hour of work
@@ -353,6 +355,8 @@ def load_sources(cfg, train_files, val_files, sha256, local_dataset):
     folder on disk (local_dataset), whose files have no such name.
     """
     import datasets
+    import datasets.data_files
+    import pyarrow as pa
     from datasets.naming import filenames_for_dataset_split
 
     def prepare_splits(path, what, column, **options):
@@ -405,7 +409,10 @@ def load_sources(cfg, train_files, val_files, sha256, local_dataset):
             "its files cached (set TIKTOKEN_CACHE_DIR) or use --tokenizer=bpe:N") from None
     except datasets.exceptions.DatasetNotFoundError as e:
         raise UserError(f"{str(e).splitlines()[0]}; check --dataset, or give local files with --train_files") from None
-    except datasets.exceptions.DatasetGenerationError as e:  # a malformed local file
+    except datasets.data_files.EmptyDatasetError as e:
+        raise UserError(f"{str(e).splitlines()[0]}: give --dataset a folder of .parquet, .json(l) or .txt files, or "
+                        "use --train_files") from None
+    except (datasets.exceptions.DatasetGenerationError, pa.ArrowException) as e:  # a malformed local file
         cause = str(e.__cause__ or e).splitlines()[0]
         raise UserError(f"datasets could not read the files ({cause}); check that they are valid") from None
     if val is None:

@@ -52,7 +52,7 @@ class SampleConfig:
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def check_settings(temperature, top_k, top_p, num_samples=1, max_new_tokens=0):
+def check_settings(temperature, top_k, top_p, num_samples=1, max_new_tokens=0, seed=0):
     """Reject settings that cannot sample, before the model is loaded."""
     problems = []
     if not temperature >= 0:  # (also catches nan)
@@ -65,6 +65,8 @@ def check_settings(temperature, top_k, top_p, num_samples=1, max_new_tokens=0):
         problems.append(f"--num_samples must be at least 1, got {num_samples}")
     if max_new_tokens < 0:
         problems.append(f"--max_new_tokens must be 0 or more, got {max_new_tokens}")
+    if not -2**63 <= seed < 2**64:  # what torch.Generator takes
+        problems.append(f"--seed must be below 2**64, got {seed}")
     if problems:
         raise UserError("; ".join(problems))
 
@@ -245,7 +247,7 @@ def generate_text(model, tokenizer, prompt, num_samples=1, max_new_tokens=500, t
     """
     import torch
 
-    check_settings(temperature, top_k, top_p, num_samples, max_new_tokens)
+    check_settings(temperature, top_k, top_p, num_samples, max_new_tokens, seed)
     device = model.lm_head.weight.device
     ids = encode_prompt(tokenizer, prompt, model.config.block_size)
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
@@ -285,7 +287,8 @@ def generate_text(model, tokenizer, prompt, num_samples=1, max_new_tokens=500, t
 
 def main(argv=None):
     config = parse_config(SampleConfig, argv, __doc__)
-    check_settings(config.temperature, config.top_k, config.top_p, config.num_samples, config.max_new_tokens)
+    check_settings(config.temperature, config.top_k, config.top_p, config.num_samples, config.max_new_tokens,
+                   config.seed)
     prompt = read_prompt(config.prompt)
     model, tokenizer = load_model(config.out_dir, config.device, config.dtype, config.compile)
     if hasattr(sys.stdout, "reconfigure"):

@@ -95,6 +95,8 @@ def validate(config):
     problems = []
     if c.init_from not in ("scratch", "resume"):
         problems.append(f"--init_from must be 'scratch' or 'resume', got {c.init_from!r}")
+    if not 0 <= c.seed < 10**8:  # each micro-batch's generator is seeded with (seed * 1e6 + iter) * 1e5 + ...: < 2**64
+        problems.append(f"--seed must be from 0 to 99,999,999, got {c.seed}")
     if c.overwrite and (c.init_from == "resume" or c.eval_only):
         problems.append("--overwrite=True starts a new run over the checkpoint in out_dir: it goes with neither "
                         "--init_from=resume nor --eval_only")
@@ -512,14 +514,23 @@ def bits_per_byte(loss, meta):
     return loss / math.log(2) * val["tokens"] / max(1, val["bytes"])
 
 
+def log_row(line):
+    """A row of log.jsonl, or None for a blank line or a row cut short (a crash or a full disk while appending)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("iter"), int) and "val_loss" in row else None
+
+
 def plot_losses(log_path, png_path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(log_path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        rows = [row for row in map(log_row, f) if row]
     tokens = [r["tokens"] / 1e6 for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(tokens, [r["train_loss"] for r in rows], label="train")
@@ -810,8 +821,8 @@ def main(argv=None):
         os.remove(ckpt_path)  # so that its checkpoint never meets this run's tokenizer.json or log
     # a new run starts a new log; a resumed one drops the rows it will redo
     if master and os.path.exists(log_path) and not config.eval_only:
-        with open(log_path, encoding="utf-8") as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["iter"] < iter_num]
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            kept = [line for line in f if log_row(line) and log_row(line)["iter"] < iter_num]
         with open(log_path + ".tmp", "w", encoding="utf-8") as f:
             f.writelines(kept)
         os.replace(log_path + ".tmp", log_path)

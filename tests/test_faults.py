@@ -528,7 +528,8 @@ def test_a_fresh_repo_clone_takes_an_export(trained, tmp_path):
     assert (hf / ".gitattributes").read_bytes() == b"*.safetensors filter=lfs\n" and (hf / "config.json").exists()
 
 
-def test_a_failed_re_export_puts_the_earlier_one_back(trained, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("fault", ["disk full", "Ctrl-C"])
+def test_a_failed_re_export_puts_the_earlier_one_back(trained, tmp_path, monkeypatch, capsys, fault):
     data, out = trained
     hf = tmp_path / "hf"
     export_main([f"--out_dir={out}", f"--hf_dir={hf}"])
@@ -540,12 +541,16 @@ def test_a_failed_re_export_puts_the_earlier_one_back(trained, tmp_path, monkeyp
     def replace_then_fail(src, dst):
         calls.append(dst)
         if len(calls) == 5:  # some files are new, others still old
-            raise OSError(28, "No space left on device")
+            raise OSError(28, "No space left on device") if fault == "disk full" else KeyboardInterrupt()
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace_then_fail)
-    err = one_line_error(capsys, export_main, f"--out_dir={out}", f"--hf_dir={hf}")
-    assert "No space left on device" in err
+    if fault == "disk full":
+        assert "No space left on device" in one_line_error(capsys, export_main, f"--out_dir={out}", f"--hf_dir={hf}")
+    else:
+        with pytest.raises(SystemExit) as e:
+            cli.run_main(export_main, [f"--out_dir={out}", f"--hf_dir={hf}"])
+        assert e.value.code == 130 and capsys.readouterr().err.endswith(": interrupted\n")
     assert snapshot(hf) == before
     assert [n for n in os.listdir(tmp_path) if n.startswith(".hf")] == []
 
@@ -608,3 +613,57 @@ def test_a_tiny_temperature_is_greedy_not_a_crash(run_dir, temperature):
     greedy = sample.generate_text(model, tokenizer, "Tom had", 2, 12, temperature=0, stop_at_eot=False)
     tiny = sample.generate_text(model, tokenizer, "Tom had", 2, 12, temperature=temperature, stop_at_eot=False)
     assert tiny == greedy
+
+
+# -----------------------------------------------------------------------------
+# more of the same kind
+
+
+def test_seeds_beyond_what_the_generators_take_are_one_line_errors(trained, capsys):
+    data, out = trained
+    before = snapshot(out)
+    err = one_line_error(capsys, train_main, f"--data_dir={data}", f"--out_dir={out}", *TINY, "--seed=1000000000",
+                         "--init_from=resume")
+    assert err == "--seed must be from 0 to 99,999,999, got 1000000000"
+    err = one_line_error(capsys, sample_main, f"--out_dir={out}", "--device=cpu", f"--seed={2**64}")
+    assert err == f"--seed must be below 2**64, got {2**64}"
+    assert snapshot(out) == before
+
+
+def test_resume_after_a_log_row_was_cut_short(trained, capsys):
+    data, out = trained
+    rows = (out / "log.jsonl").read_text().splitlines()
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"iter": 6, "tokens": 38')  # a crash while appending
+    run_train(data, out, "--max_iters=6", "--eval_interval=2", "--init_from=resume", "--plot=True")
+    after = (out / "log.jsonl").read_text().splitlines()
+    assert after[:2] == rows[:2] and [json.loads(line)["iter"] for line in after] == [0, 2, 4, 6]  # 4 is redone
+    assert (out / "loss.png").stat().st_size > 1000
+
+
+def test_prepare_never_writes_into_a_training_run(trained, capsys):
+    data, out = trained
+    (data / "train.txt").write_text("".join(f"Story {i}.\n<|endoftext|>\n" for i in range(20)))
+    before = snapshot(out)
+    err = one_line_error(capsys, prepare.main, f"--train_files={data / 'train.txt'}", f"--data_dir={out}",
+                         f"--cache_dir={data / 'hf-cache'}")
+    assert err == f"--data_dir={out} holds a training run (ckpt.pt): give the data a folder of its own"
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("case", ["not parquet", "empty dataset folder"])
+def test_unreadable_sources_are_one_line_errors(tmp_path, capsys, case):
+    if case == "not parquet":
+        (tmp_path / "train.parquet").write_bytes(b"PAR1 but not really" * 50)
+        flags = [f"--train_files={tmp_path / 'train.parquet'}"]
+        message = "datasets could not read the files (Parquet magic bytes not found"
+    else:
+        (tmp_path / "hub").mkdir()
+        flags = [f"--dataset={tmp_path / 'hub'}"]
+        message = "doesn't contain any data files: give --dataset a folder of .parquet"
+    before = snapshot(tmp_path)
+    err = one_line_error(capsys, prepare.main, *flags, f"--data_dir={tmp_path / 'out'}",
+                         f"--cache_dir={tmp_path / 'hf-cache'}")
+    assert message in err
+    assert {k: v for k, v in snapshot(tmp_path).items() if not k.startswith(("hf-cache", "out"))} == before
+    assert not (tmp_path / "out" / "meta.json").exists()
