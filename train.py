@@ -14,6 +14,7 @@ Importing this file has no side effects: sample.py, export.py and the tests use 
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -418,11 +419,13 @@ def load_meta(data_dir):
         if tokens < 1 or size != tokens * itemsize:
             raise UserError(f"{bin_path} holds {size:,} bytes but meta.json says {tokens:,} {meta['dtype']} tokens "
                             f"({tokens * itemsize:,} bytes): the data folder is damaged or half-copied; {rebuild}")
-    if meta.get("tokenizer_file") and meta.get("tokenizer_sha256"):
+    if meta.get("tokenizer_file"):
         tokenizer_path = os.path.join(data_dir, meta["tokenizer_file"])
-        if not os.path.isfile(tokenizer_path) or file_sha256(tokenizer_path) != meta["tokenizer_sha256"]:
-            raise UserError(f"{tokenizer_path} is missing or is not the tokenizer that made this data (its sha256 "
-                            f"differs from meta.json's): {rebuild}")
+        if not os.path.isfile(tokenizer_path):
+            raise UserError(f"{tokenizer_path} is missing: {rebuild}")
+        if meta.get("tokenizer_sha256") and file_sha256(tokenizer_path) != meta["tokenizer_sha256"]:
+            raise UserError(f"{tokenizer_path} is not the tokenizer that made this data (its sha256 differs from "
+                            f"meta.json's): {rebuild}")
     return meta
 
 
@@ -555,9 +558,12 @@ def save_checkpoint(path, checkpoint):
     try:
         torch.save(checkpoint, tmp)
         os.replace(tmp, path)
-    except BaseException:  # a full disk, a second Ctrl-C: the last good ckpt.pt stays, and no half-written .tmp
-        if os.path.exists(tmp):
+    except BaseException as e:  # a full disk, a second Ctrl-C: the last good ckpt.pt stays, and no half-written .tmp
+        if os.path.lexists(tmp):
             os.remove(tmp)
+        if isinstance(e, RuntimeError):  # how torch.save reports a failed write ("unexpected pos ...")
+            raise UserError(f"saving {path} failed ({str(e).strip().splitlines()[0][:100]}): check the free space; "
+                            f"the last {os.path.basename(path)} is kept, continue it with --init_from=resume") from None
         raise
 
 
@@ -1001,6 +1007,11 @@ def main_with_memory_hint(argv=None):
         raise UserError(f"out of GPU memory ({what}): lower --batch_size (gradient accumulation then makes up "
                         "--total_batch_size, so the step stays the same), or --block_size or the model size; or free "
                         "the GPU from other processes") from None
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS):
+            raise
+        raise UserError(f"writing {e.filename or 'to --out_dir'} failed ({e.strerror}): free some space, then "
+                        "continue with --init_from=resume (ckpt.pt is only ever replaced whole)") from None
 
 
 if __name__ == "__main__":

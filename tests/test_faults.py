@@ -336,7 +336,9 @@ def test_eval_only_writes_nothing_at_all(trained, capsys):
     ("short train.bin", "train.bin holds "),
     ("empty val.bin", "val.bin holds 0 bytes but meta.json says "),
     ("no val.bin", "val.bin is missing"),
-    ("other tokenizer.json", "tokenizer.json is missing or is not the tokenizer that made this data"),
+    ("other tokenizer.json", "tokenizer.json is not the tokenizer that made this data (its sha256 differs"),
+    ("no tokenizer.json", "tokenizer.json is missing"),
+    ("old meta, no tokenizer.json", "tokenizer.json is missing"),
 ])
 def test_a_damaged_data_folder_is_one_line_at_start_up(tmp_path, capsys, damage, message):
     data = tmp_path / "data"
@@ -359,6 +361,10 @@ def test_a_damaged_data_folder_is_one_line_at_start_up(tmp_path, capsys, damage,
         (data / "val.bin").write_bytes(b"")
     elif damage == "no val.bin":
         (data / "val.bin").unlink()
+    elif damage in ("no tokenizer.json", "old meta, no tokenizer.json"):
+        (data / "tokenizer.json").unlink()
+        if damage.startswith("old meta"):  # as prepare.py wrote it before it recorded the hash
+            (data / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "tokenizer_sha256"}))
     elif damage == "other tokenizer.json":
         prepare.train_bpe(300, iter([["zebra zoo " * 20] * 10]), str(data / "tokenizer.json"))
     before = snapshot(data)
@@ -667,3 +673,31 @@ def test_unreadable_sources_are_one_line_errors(tmp_path, capsys, case):
     assert message in err
     assert {k: v for k, v in snapshot(tmp_path).items() if not k.startswith(("hf-cache", "out"))} == before
     assert not (tmp_path / "out" / "meta.json").exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, a device that is always full")
+def test_a_full_disk_while_saving_keeps_the_last_checkpoint(trained, capsys):
+    data, out = trained
+    before = (out / "ckpt.pt").read_bytes()
+    os.symlink("/dev/full", out / "ckpt.pt.tmp")  # the next checkpoint is written there: ENOSPC at the first write
+    err = one_line_error(capsys, train_main, f"--data_dir={data}", f"--out_dir={out}", *TINY, "--max_iters=6",
+                         "--eval_interval=2", "--init_from=resume")
+    assert err.startswith(f"saving {out / 'ckpt.pt'} failed (") and "check the free space" in err
+    assert (out / "ckpt.pt").read_bytes() == before and not os.path.lexists(out / "ckpt.pt.tmp")
+
+
+def test_a_full_disk_elsewhere_is_one_line(trained, capsys, monkeypatch):
+    import errno
+
+    import train
+
+    data, out = trained
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "log.jsonl"))
+
+    monkeypatch.setattr(train, "plot_losses", full)
+    err = one_line_error(capsys, train.main_with_memory_hint, f"--data_dir={data}", f"--out_dir={out}", *TINY,
+                         "--max_iters=6", "--eval_interval=2", "--init_from=resume", "--plot=True")
+    assert err == (f"writing {out / 'log.jsonl'} failed (No space left on device): free some space, then continue "
+                   "with --init_from=resume (ckpt.pt is only ever replaced whole)")
