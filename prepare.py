@@ -225,6 +225,10 @@ def main(argv=None):
 
     if os.path.exists(os.path.join(cfg.data_dir, "ckpt.pt")):  # it would replace (or remove) the run's tokenizer.json
         raise UserError(f"--data_dir={cfg.data_dir} holds a training run (ckpt.pt): give the data a folder of its own")
+    if os.path.exists(os.path.join(cfg.data_dir, "tokenizer.json")) and not any(
+            os.path.exists(os.path.join(cfg.data_dir, name)) for name in ("meta.json", "train.bin")):
+        raise UserError(f"--data_dir={cfg.data_dir} holds a tokenizer.json that prepare.py did not write (an export?), "
+                        "which it would replace or remove: give the data a folder of its own")
     out = {name: os.path.join(cfg.data_dir, name) for name in ("train.bin", "val.bin", "tokenizer.json", "meta.json")}
     tmp = {name: path + ".tmp" for name, path in out.items()}
     try:  # find out now, not after an hour of work
@@ -247,6 +251,9 @@ def main(argv=None):
             counts = write_tokens(story_chunks(train, val, cfg, bar), tokenizer, dtype, tmp["train.bin"],
                                   tmp["val.bin"], cfg.num_workers or len(os.sched_getaffinity(0)), bar)
         for split, c in counts.items():
+            if split == "train" and c["stories"] == 0 and val is None and counts["val"]["stories"]:
+                raise UserError(f"every story of {source['train']} was held out for val: lower --val_fraction="
+                                f"{cfg.val_fraction:g}, or give validation files with --val_files")
             if c["stories"] == 0:
                 held_out = split == "val" and val is None
                 raise UserError(f"the {split} split is empty (no stories in {source[split]}); give it files with "

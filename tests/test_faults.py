@@ -701,3 +701,23 @@ def test_a_full_disk_elsewhere_is_one_line(trained, capsys, monkeypatch):
                          "--max_iters=6", "--eval_interval=2", "--init_from=resume", "--plot=True")
     assert err == (f"writing {out / 'log.jsonl'} failed (No space left on device): free some space, then continue "
                    "with --init_from=resume (ckpt.pt is only ever replaced whole)")
+
+
+def test_prepare_never_replaces_a_tokenizer_it_did_not_write(tmp_path, capsys):
+    (tmp_path / "train.txt").write_text("".join(f"Story {i}.\n<|endoftext|>\n" for i in range(20)))
+    (tmp_path / "hf").mkdir()  # an export: its tokenizer.json
+    (tmp_path / "hf" / "tokenizer.json").write_bytes(b'{"version": "1.0"}')
+    before = snapshot(tmp_path / "hf")
+    err = one_line_error(capsys, prepare.main, f"--train_files={tmp_path / 'train.txt'}", "--val_fraction=0.2",
+                         f"--data_dir={tmp_path / 'hf'}", f"--cache_dir={tmp_path / 'hf-cache'}")
+    assert err.startswith(f"--data_dir={tmp_path / 'hf'} holds a tokenizer.json that prepare.py did not write")
+    assert snapshot(tmp_path / "hf") == before
+
+
+def test_every_story_held_out_says_lower_val_fraction(tmp_path, capsys):
+    (tmp_path / "train.txt").write_text("One.\n<|endoftext|>\n")
+    err = one_line_error(capsys, prepare.main, f"--train_files={tmp_path / 'train.txt'}", "--val_fraction=0.99",
+                         "--seed=0", f"--data_dir={tmp_path / 'out'}", f"--cache_dir={tmp_path / 'hf-cache'}")
+    assert err == (f"every story of {tmp_path / 'train.txt'} was held out for val: lower --val_fraction=0.99, or give "
+                   "validation files with --val_files")
+    assert not (tmp_path / "out" / "meta.json").exists()
