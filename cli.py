@@ -11,7 +11,7 @@ Flags are nanoGPT's `--key=value` (or `--key value`), generated from the fields 
 a bare `--key` means True for a field that takes a bool. Config files hold `key = value` lines (Python literals, never
 executed) or a JSON object. nanoGPT's names that mean something else here are translated by a table of the script's
 (see parse_config). A UserError raised anywhere under run_main() becomes one line on stderr and exit code 2, never a
-traceback.
+traceback; so does Ctrl-C (exit code 130), and a reader that goes away (`| head`) ends the script quietly.
 """
 
 import ast
@@ -20,6 +20,7 @@ import difflib
 import inspect
 import itertools
 import json
+import math
 import operator
 import os
 import sys
@@ -30,12 +31,26 @@ class UserError(Exception):
 
 
 def run_main(main, argv=None):
-    """Run a script's main(); a UserError becomes 'script: error: ...' on stderr and exit code 2."""
+    """
+    Run a script's main(); a UserError becomes 'script: error: ...' on stderr and exit code 2. Ctrl-C becomes
+    'script: interrupted' (with what was kept, when main says: raise KeyboardInterrupt('saved ...')) and exit code
+    130, as the shell reports a program that SIGINT ended. A broken pipe (`python sample.py | head`) ends quietly with
+    the exit code of a program that SIGPIPE ended, 141.
+    """
+    name = os.path.basename(sys.argv[0]) or "slm"
     try:
         main(argv)
     except UserError as e:
-        print(f"{os.path.basename(sys.argv[0]) or 'slm'}: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        print(f"{name}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:
+        # The reader has gone: nothing more can be shown. Point stdout at /dev/null, or Python's own flush at exit
+        # fails on the same pipe and prints a warning.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
 
 
 def _field_comments(config_cls):
@@ -86,9 +101,12 @@ def _convert(text, kind, key):
             return False
         raise UserError(f"--{key} must be True or False, got {text!r}")
     try:
-        return kind(text)
+        value = kind(text)
     except ValueError:
         raise UserError(f"--{key} must be {kind.__name__}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):  # nan and inf pass every `x > 0` check, then poison the run
+        raise UserError(f"--{key} must be a finite number, got {text!r}")
+    return value
 
 
 ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
@@ -105,13 +123,24 @@ def _literal(node):
     return ast.literal_eval(node)
 
 
-def _read_config_file(path):
+def _read_config_file(path, fields):
     """A nanoGPT-style config file of `key = value` lines (Python literals), or a JSON object. Nothing is executed."""
+    # A positional argument is always a config file; say so when it is clearly meant as something else.
+    usage = "positional arguments are config files; settings are --key=value flags (see --help)"
+    if "out_dir" in fields and (os.path.isdir(path) or path.endswith(".pt")):
+        folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
+        raise UserError(f"{path} is not a config file ({usage}); to use the run in {folder}, give "
+                        f"--out_dir={folder}")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
+    except FileNotFoundError:
+        hint = f"; to continue a text, give it as --prompt={path!r}" if "prompt" in fields else ""
+        raise UserError(f"cannot read config file {path} (no such file): {usage}{hint}") from None
     except OSError as e:
         raise UserError(f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text ({usage})") from None
     if path.endswith(".json"):
         try:
             values = json.loads(text)
@@ -121,10 +150,14 @@ def _read_config_file(path):
             raise UserError(f"config file {path} must hold a JSON object of key: value pairs")
         return values
     values = {}
+    if "\x00" in text:
+        raise UserError(f"config file {path} is not a text file of `key = value` lines ({usage})")
     try:
         tree = ast.parse(text, filename=path)
     except SyntaxError as e:
         raise UserError(f"config file {path}, line {e.lineno}: not valid Python syntax") from None
+    except (ValueError, MemoryError, RecursionError):  # absurdly deep nesting
+        raise UserError(f"config file {path} is not a text file of `key = value` lines ({usage})") from None
     for node in tree.body:
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
             continue  # a docstring
@@ -132,7 +165,7 @@ def _read_config_file(path):
             raise UserError(f"config file {path}, line {node.lineno}: only `key = value` lines are allowed")
         try:
             values[node.targets[0].id] = _literal(node.value)
-        except (ValueError, ZeroDivisionError, OverflowError):
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError, ZeroDivisionError, OverflowError):
             raise UserError(f"config file {path}, line {node.lineno}: the value must be a literal, or arithmetic on "
                             "numbers") from None
     return values
@@ -177,7 +210,7 @@ def parse_config(config_cls, argv=None, description="", nanogpt_flags=None):
     while args:
         arg = args.pop(0)
         if not arg.startswith("--"):
-            for key, value in _read_config_file(arg).items():
+            for key, value in _read_config_file(arg, kinds).items():
                 set_value(key, value, arg)
         elif "=" in arg:
             key, value = arg[2:].split("=", 1)

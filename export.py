@@ -32,7 +32,7 @@ from train import bits_per_byte, load_checkpoint
 @dataclass
 class ExportConfig:
     out_dir: str = "out"  # the training run's folder: ckpt.pt (and tokenizer.json for bpe:N) are read from here
-    hf_dir: str = ""  # the folder to write; empty means out_dir/hf. A previous export there is replaced
+    hf_dir: str = ""  # the folder to write; empty means out_dir/hf. Files of an earlier export there are replaced
 
 
 def main(argv=None):
@@ -42,8 +42,11 @@ def main(argv=None):
     meta = checkpoint["meta"]
     tokenizer = load_tokenizer(meta, cfg.out_dir)  # checks tiktoken's files or tokenizer.json, and that they match
     if os.path.exists(hf_dir) and not replaceable(hf_dir):
-        raise UserError(f"--hf_dir={hf_dir} exists and is not an earlier export; give the export a folder of "
-                        "its own (the default is out_dir/hf)")
+        names = set(os.listdir(hf_dir)) if os.path.isdir(hf_dir) else {"ckpt.pt"}
+        what = ("a file or a training run" if "ckpt.pt" in names else
+                f"the export would replace its own {', '.join(sorted(names & set(EXPORT_FILES)))}")
+        raise UserError(f"--hf_dir={hf_dir} exists and is not an earlier export ({what}); give the export a folder "
+                        "of its own (the default is out_dir/hf)")
     try:
         import transformers
     except ImportError as e:
@@ -55,10 +58,12 @@ def main(argv=None):
     try:  # everything goes into a temporary folder beside hf_dir, renamed into place at the end
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(hf_dir)}.tmp-", dir=parent)
-        old = tmp + ".old"
+        old = tmp + ".old"  # the earlier export's files, until the new ones are all in place
+        os.mkdir(old)
     except OSError as e:
         raise UserError(f"cannot write to --hf_dir={hf_dir} ({e.strerror}); choose a folder you can write to"
                         ) from None
+    placed = []
     try:
         model = hf_model(checkpoint)
         model.save_pretrained(tmp)  # config.json, generation_config.json, model.safetensors
@@ -67,16 +72,29 @@ def main(argv=None):
             f.write(model_card(checkpoint, model))
         umask = os.umask(0)
         os.umask(umask)
-        for name in os.listdir(tmp):  # mkdtemp and safetensors make owner-only files; an export is for sharing
+        written = sorted(os.listdir(tmp))
+        for name in written:  # mkdtemp and safetensors make owner-only files; an export is for sharing
             os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        if os.path.exists(hf_dir):  # swap: never a half-written hf_dir
-            os.replace(hf_dir, old)
-        os.replace(tmp, hf_dir)
-    except OSError as e:
-        if os.path.exists(old) and not os.path.exists(hf_dir):
-            os.replace(old, hf_dir)  # the failed swap puts the earlier export back
-        raise UserError(f"writing {hf_dir} failed ({e}); check the free space and permissions") from None
+        # Only the files the export writes are replaced (and those of an earlier export it no longer writes are
+        # removed): hf_dir may be a clone of a Hugging Face repo, with its .git and the user's own files, which stay.
+        # The earlier files move aside first, and come back if any step fails: never half of each export.
+        os.makedirs(hf_dir, exist_ok=True)
+        stale = set(os.listdir(hf_dir)) & set(EXPORT_FILES)
+        for name in sorted(set(written) | stale):
+            if os.path.exists(os.path.join(hf_dir, name)):
+                os.replace(os.path.join(hf_dir, name), os.path.join(old, name))
+            if name in written:
+                placed.append(name)
+                os.replace(os.path.join(tmp, name), os.path.join(hf_dir, name))
+    except BaseException as e:  # a full disk, Ctrl-C, ...
+        for name in placed:  # the failed swap takes the new files out and puts the earlier export back
+            if os.path.exists(os.path.join(hf_dir, name)) and not os.path.exists(os.path.join(old, name)):
+                os.remove(os.path.join(hf_dir, name))
+        for name in os.listdir(old) if os.path.isdir(old) else []:
+            os.replace(os.path.join(old, name), os.path.join(hf_dir, name))
+        if isinstance(e, OSError):
+            raise UserError(f"writing {hf_dir} failed ({e}); check the free space and permissions") from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
@@ -84,13 +102,23 @@ def main(argv=None):
     return hf_dir
 
 
+# What an export writes into hf_dir: save_pretrained's files, the tokenizer's and the model card
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                "tokenizer.json", "tokenizer_config.json", "README.md")
+
+
 def replaceable(path):
-    """The export replaces hf_dir as a whole, so only ever an empty folder or an earlier export: never a training
-    run (--hf_dir=out by mistake), a file or anything else."""
+    """
+    A folder the export may write its files into: one that holds none of them (empty, or a fresh clone of a Hugging
+    Face repo: its .git and other files are left alone), or an earlier export (config.json and model.safetensors),
+    never a training run (--hf_dir=out by mistake) nor a folder whose own config.json or README.md they would replace.
+    """
     if not os.path.isdir(path):
         return False
     names = set(os.listdir(path))
-    return not names or ({"config.json", "model.safetensors"} <= names and "ckpt.pt" not in names)
+    if "ckpt.pt" in names:
+        return False
+    return {"config.json", "model.safetensors"} <= names or not names & set(EXPORT_FILES)
 
 
 # -----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ train.py, sample.py and export.py load it through load_tokenizer.
 
 import dataclasses
 import glob
+import hashlib
 import itertools
 import json
 import os
@@ -35,7 +36,8 @@ class Tokenizer:
       'bpe:N'  a byte-level BPE of N tokens trained by prepare.py and saved as tokenizer.json.
     encode() never turns special-token text inside a story into a special token: the end-of-text token only ever
     comes from prepare.py appending it. tiktoken_encoding is tiktoken's Encoding for 'gpt2' (export.py reads it), else
-    None.
+    None. sha256 identifies the tokenizer by its content, not its name (two bpe:512 tokenizers trained on different
+    text share a name): of tokenizer.json's bytes, or of tiktoken's GPT-2 token bytes in id order.
     """
 
     def __init__(self, name, tokenizer_file=None):
@@ -44,6 +46,11 @@ class Tokenizer:
             self.tiktoken_encoding = _load_tiktoken_gpt2()
             self.eot_token = self.tiktoken_encoding.eot_token
             self.vocab_size = self.tiktoken_encoding.n_vocab
+            digest = hashlib.sha256()
+            for i in range(self.vocab_size):  # each token's length, then its bytes: no two vocabularies hash alike
+                token = self.tiktoken_encoding.decode_single_token_bytes(i)
+                digest.update(len(token).to_bytes(4, "little") + token)
+            self.sha256 = digest.hexdigest()
         elif name.startswith("bpe:"):
             from tokenizers import Tokenizer as HFTokenizer
 
@@ -51,7 +58,12 @@ class Tokenizer:
                 raise UserError(f"tokenizer {name} needs its tokenizer.json, not found at {tokenizer_file}; "
                                 "re-run prepare.py to make it")
             self.tiktoken_encoding = None
-            self._hf = HFTokenizer.from_file(tokenizer_file)
+            self.sha256 = file_sha256(tokenizer_file)
+            try:
+                self._hf = HFTokenizer.from_file(tokenizer_file)
+            except Exception as e:  # not JSON, or not a tokenizers file: tokenizers raises a bare Exception
+                raise UserError(f"{tokenizer_file} is not a readable tokenizer.json ({str(e).splitlines()[0][:100]})"
+                                "; put back the tokenizer.json prepare.py wrote") from None
             self._hf.encode_special_tokens = True  # literal '<|endoftext|>' text stays text (not saved in the file)
             self.eot_token = self._hf.token_to_id(EOT_TEXT)
             self.vocab_size = self._hf.get_vocab_size()
@@ -89,16 +101,36 @@ class Tokenizer:
 def load_tokenizer(meta, data_dir):
     """
     The Tokenizer that made a dataset, from its meta.json and the folder that holds it (a data folder, or a run's
-    out_dir, where train.py copies tokenizer.json), checked against the vocabulary size and end-of-text id in meta.
+    out_dir, where train.py copies tokenizer.json), checked against the content hash (tokenizer_sha256; meta.json
+    from before it was recorded has none), the vocabulary size and the end-of-text id in meta.
     """
     tokenizer_file = meta.get("tokenizer_file")
-    tokenizer = Tokenizer(meta["tokenizer"], tokenizer_file and os.path.join(data_dir, tokenizer_file))
+    path = tokenizer_file and os.path.join(data_dir, tokenizer_file)
+    run = os.path.exists(os.path.join(data_dir, "ckpt.pt"))  # a training run's folder, not a data folder
+    if path and not os.path.isfile(path):
+        fix = (f"copy {tokenizer_file} from the data folder this run was trained on into {data_dir}" if run else
+               "re-run prepare.py to make it")
+        raise UserError(f"tokenizer {meta['tokenizer']} needs its {tokenizer_file}, not found at {path}: {fix}")
+    tokenizer = Tokenizer(meta["tokenizer"], path)
+    if meta.get("tokenizer_sha256") not in (None, tokenizer.sha256):
+        what = path or "tiktoken's GPT-2 files (TIKTOKEN_CACHE_DIR)"
+        fix = (f"copy the {tokenizer_file} of the data folder this run was trained on into {data_dir}" if path and run
+               else f"put back the {tokenizer_file} prepare.py wrote, or re-run prepare.py" if path
+               else "delete the tiktoken cache so that it downloads the files again")
+        raise UserError(f"{what} is not the tokenizer the {'checkpoint' if run else 'data'} was made with (its "
+                        f"sha256 differs from meta's tokenizer_sha256): {fix}")
     made_with = (meta.get("vocab_size"), meta.get("eot_token"))
     if None not in made_with and made_with != (tokenizer.vocab_size, tokenizer.eot_token):
         raise UserError(f"the tokenizer in {data_dir} ({tokenizer.vocab_size} tokens, end of text "
                         f"{tokenizer.eot_token}) is not the one the data was made with ({made_with[0]} tokens, end "
                         f"of text {made_with[1]}): put back that run's {tokenizer_file}, or re-run prepare.py")
     return tokenizer
+
+
+def file_sha256(path):
+    """The sha256 of a file's bytes, read in 1 MB blocks (about 0.5-1 GB/s)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _load_tiktoken_gpt2():
@@ -135,13 +167,14 @@ class PrepareConfig:
     tokenizer: str = "gpt2"  # gpt2 (tiktoken's GPT-2 BPE) or bpe:N (train a byte-level BPE of N tokens here)
     dtype: str = "auto"  # token file dtype: auto (uint16 when the vocabulary fits, else uint32), uint16 or uint32
     data_dir: str = "data/tinystories"  # where train.bin, val.bin, meta.json (and tokenizer.json) are written
-    force: bool = False  # rebuild even when data_dir already holds the output of these settings
+    force: bool = False  # rebuild, reading every input afresh, even when data_dir holds these settings' output
     num_workers: int = 0  # encoding threads (0 = all cores)
     chunk_mb: float = 4.0  # MB of text a worker encodes at once: memory grows with chunk_mb x workers, not the corpus
     cache_dir: str = ""  # where datasets keeps its Arrow copy of the source (empty = its default cache)
     fix_mojibake: bool = True  # repair the Hub release's mis-encoded punctuation (â€œ â€™ â€ back to “ ’ ”)
 
 
+MIN_CHUNK_MB = 0.0001  # 100 bytes: the tests split tiny corpora into many chunks; below that is a mistake
 VERSION = 1  # bump when a change here changes the output for the same settings, so old outputs get rebuilt
 BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 VAL_SPLITS = ("validation", "valid", "val")
@@ -167,19 +200,35 @@ def main(argv=None):
         raise UserError(f"--val_fraction must be at least 0 and below 1, got {cfg.val_fraction}")
     if cfg.val_files and not cfg.train_files:
         raise UserError("--val_files needs --train_files too (or leave both empty to use --dataset)")
+    if cfg.num_workers < 0:
+        raise UserError(f"--num_workers must be 0 (all cores) or more, got {cfg.num_workers}")
+    if cfg.chunk_mb < MIN_CHUNK_MB:
+        raise UserError(f"--chunk_mb must be at least {MIN_CHUNK_MB:g} (100 bytes), got {cfg.chunk_mb:g}; the "
+                        "default 4 suits most machines")
     train_files, val_files = find_files(cfg.train_files, "train_files"), find_files(cfg.val_files, "val_files")
-    # Everything that decides the output, inputs included (local files by size and modification time), so a re-run
-    # can tell that data_dir already holds exactly this without reading the corpus.
+    # Everything that decides the output, inputs included (local files by size, modification time and the sha256 of
+    # their bytes, which catches a file replaced by one of the same size and time, as `cp -p` and rsync leave it),
+    # so a re-run can tell that data_dir already holds exactly this without tokenizing the corpus.
+    local_dataset = not train_files and os.path.isdir(cfg.dataset)
     settings = dict(version=VERSION, tokenizer=cfg.tokenizer, dtype=dtype, text_column=cfg.text_column,
                     val_fraction=cfg.val_fraction, seed=cfg.seed, fix_mojibake=cfg.fix_mojibake,
                     dataset=None if train_files else cfg.dataset,
                     train_files=fingerprint(train_files), val_files=fingerprint(val_files))
+    if local_dataset:  # a dataset folder on disk: its files are inputs too
+        settings["dataset_files"] = fingerprint(sorted(
+            f for f in glob.glob(os.path.join(glob.escape(cfg.dataset), "**"), recursive=True) if os.path.isfile(f)))
     meta = None if cfg.force else read_meta_if_complete(cfg.data_dir, settings)
     if meta:
         print(f"{cfg.data_dir} is up to date ({meta['train']['tokens']:,} train and {meta['val']['tokens']:,} val "
               "tokens); --force=True rebuilds it")
         return meta
 
+    if os.path.exists(os.path.join(cfg.data_dir, "ckpt.pt")):  # it would replace (or remove) the run's tokenizer.json
+        raise UserError(f"--data_dir={cfg.data_dir} holds a training run (ckpt.pt): give the data a folder of its own")
+    if os.path.exists(os.path.join(cfg.data_dir, "tokenizer.json")) and not any(
+            os.path.exists(os.path.join(cfg.data_dir, name)) for name in ("meta.json", "train.bin")):
+        raise UserError(f"--data_dir={cfg.data_dir} holds a tokenizer.json that prepare.py did not write (an export?), "
+                        "which it would replace or remove: give the data a folder of its own")
     out = {name: os.path.join(cfg.data_dir, name) for name in ("train.bin", "val.bin", "tokenizer.json", "meta.json")}
     tmp = {name: path + ".tmp" for name, path in out.items()}
     try:  # find out now, not after an hour of work
@@ -190,7 +239,8 @@ def main(argv=None):
         raise UserError(f"cannot write to --data_dir={cfg.data_dir} ({e.strerror}); choose a folder you can write to"
                         ) from None
     tokenizer = Tokenizer("gpt2") if cfg.tokenizer == "gpt2" else None  # fails fast when tiktoken is offline
-    train, val, source = load_sources(cfg, train_files, val_files)
+    sha256 = {f["path"]: f["sha256"] for f in settings["train_files"] + settings["val_files"]}
+    train, val, source = load_sources(cfg, train_files, val_files, sha256, local_dataset)
     try:
         if tokenizer is None:
             no_val = None if val is None else []  # the training stories only: the same ones held out, no val source
@@ -201,11 +251,16 @@ def main(argv=None):
             counts = write_tokens(story_chunks(train, val, cfg, bar), tokenizer, dtype, tmp["train.bin"],
                                   tmp["val.bin"], cfg.num_workers or len(os.sched_getaffinity(0)), bar)
         for split, c in counts.items():
+            if split == "train" and c["stories"] == 0 and val is None and counts["val"]["stories"]:
+                raise UserError(f"every story of {source['train']} was held out for val: lower --val_fraction="
+                                f"{cfg.val_fraction:g}, or give validation files with --val_files")
             if c["stories"] == 0:
+                held_out = split == "val" and val is None
                 raise UserError(f"the {split} split is empty (no stories in {source[split]}); give it files with "
-                                f"--{split}_files" + (" or raise --val_fraction" if split == "val" else ""))
+                                f"--{split}_files" + (" or raise --val_fraction" if held_out else ""))
         bpe = tokenizer.name != "gpt2"
         meta = {"tokenizer": tokenizer.name, "tokenizer_file": "tokenizer.json" if bpe else None,
+                "tokenizer_sha256": tokenizer.sha256,
                 "vocab_size": tokenizer.vocab_size, "eot_token": tokenizer.eot_token, "dtype": dtype,
                 "train": {"file": "train.bin", **counts["train"]}, "val": {"file": "val.bin", **counts["val"]},
                 "source": source, "settings": settings}
@@ -265,8 +320,8 @@ def find_files(patterns, flag):
 
 
 def fingerprint(files):
-    return [{"path": os.path.abspath(f), "bytes": (st := os.stat(f)).st_size, "mtime_ns": st.st_mtime_ns}
-            for f in files]
+    return [{"path": os.path.abspath(f), "bytes": (st := os.stat(f)).st_size, "mtime_ns": st.st_mtime_ns,
+             "sha256": file_sha256(f)} for f in files]
 
 
 def read_meta_if_complete(data_dir, settings):
@@ -279,7 +334,8 @@ def read_meta_if_complete(data_dir, settings):
             os.path.getsize(os.path.join(data_dir, meta[s]["file"])) == meta[s]["tokens"] * itemsize
             for s in ("train", "val"))
         if meta["tokenizer_file"]:
-            complete = complete and os.path.isfile(os.path.join(data_dir, meta["tokenizer_file"]))
+            path = os.path.join(data_dir, meta["tokenizer_file"])
+            complete = complete and file_sha256(path) == meta.get("tokenizer_sha256")
         return meta if complete else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -292,7 +348,7 @@ def remove(path):
         pass
 
 
-def load_sources(cfg, train_files, val_files):
+def load_sources(cfg, train_files, val_files, sha256, local_dataset):
     """
     The train and val sources, as lists of (Arrow files, rows, text column, is .txt), all through datasets: its
     builder for a hub dataset by name, or for local files one at a time (so a story never runs on from one .txt file
@@ -300,21 +356,31 @@ def load_sources(cfg, train_files, val_files):
     them: the pages that touches count as resident memory, which then grows with the corpus. read_stories reads them
     as a stream instead.) val is None when the source has no validation split: then val_fraction of the training
     stories is held out. Also returns a description of the source for meta.json.
+    datasets keys its cache of a local file by path, size and modification time, so a file replaced by another of the
+    same size and time would be served from the cache: each local file's cache entry is named by the sha256 of its
+    bytes (sha256: absolute path -> hash). --force parses local inputs afresh, and so does every rebuild of a dataset
+    folder on disk (local_dataset), whose files have no such name.
     """
     import datasets
+    import datasets.data_files
+    import pyarrow as pa
     from datasets.naming import filenames_for_dataset_split
 
-    def prepare_splits(path, name, column, **options):
+    def prepare_splits(path, what, column, **options):
         builder = datasets.load_dataset_builder(path, cache_dir=cfg.cache_dir or None, **options)
         if hasattr(builder.config, "fragment_scan_options"):
             # parquet: Arrow's pre-buffering kept read buffers alive, and memory grew with the file (+170 MB at 500 MB)
             from pyarrow.dataset import ParquetFragmentScanOptions
 
             builder.config.fragment_scan_options = ParquetFragmentScanOptions(pre_buffer=False)
-        builder.download_and_prepare()
+        builder.download_and_prepare(download_mode="force_redownload" if cfg.force or local_dataset else None)
         if column not in builder.info.features:
-            raise UserError(f"{name} has no column {column!r} (it has {', '.join(builder.info.features)}); "
+            raise UserError(f"{what} has no column {column!r} (it has {', '.join(builder.info.features)}); "
                             "name the story column with --text_column=NAME")
+        feature = builder.info.features[column]
+        if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+            raise UserError(f"column {column!r} of {what} holds {feature}, not text: name the column that holds the "
+                            "stories with --text_column=NAME")
         splits = {}
         for split, info in builder.info.splits.items():
             files = filenames_for_dataset_split(builder.cache_dir, builder.dataset_name, split, "arrow",
@@ -324,9 +390,10 @@ def load_sources(cfg, train_files, val_files):
 
     def prepare_file(path):
         builder = BUILDERS[os.path.splitext(path)[1].lower()]
+        content = "sha256-" + sha256[os.path.abspath(path)]  # the cache entry of exactly these bytes
         if builder == "text":  # a row per line, line breaks kept: read_stories puts the stories together
-            return prepare_splits("text", path, "text", data_files=[path], keep_linebreaks=True)["train"]
-        return prepare_splits(builder, path, cfg.text_column, data_files=[path])["train"]
+            return prepare_splits("text", path, "text", name=content, data_files=[path], keep_linebreaks=True)["train"]
+        return prepare_splits(builder, path, cfg.text_column, name=content, data_files=[path])["train"]
 
     try:
         if train_files:
@@ -349,7 +416,10 @@ def load_sources(cfg, train_files, val_files):
             "its files cached (set TIKTOKEN_CACHE_DIR) or use --tokenizer=bpe:N") from None
     except datasets.exceptions.DatasetNotFoundError as e:
         raise UserError(f"{str(e).splitlines()[0]}; check --dataset, or give local files with --train_files") from None
-    except datasets.exceptions.DatasetGenerationError as e:  # a malformed local file
+    except datasets.data_files.EmptyDatasetError as e:
+        raise UserError(f"{str(e).splitlines()[0]}: give --dataset a folder of .parquet, .json(l) or .txt files, or "
+                        "use --train_files") from None
+    except (datasets.exceptions.DatasetGenerationError, pa.ArrowException) as e:  # a malformed local file
         cause = str(e.__cause__ or e).splitlines()[0]
         raise UserError(f"datasets could not read the files ({cause}); check that they are valid") from None
     if val is None:
@@ -360,9 +430,10 @@ def load_sources(cfg, train_files, val_files):
 def read_stories(arrow_files, column, is_txt, chunk_bytes, bar, repair):
     """
     Yield lists of stories, about chunk_bytes of text at a time, reading the Arrow files record batch by batch;
-    with repair, mis-encoded punctuation is mended (fix_mojibake).
+    with repair, mis-encoded punctuation is mended (fix_mojibake). The stories are the same whatever chunk_bytes.
     """
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     def row_chunks():
         rows, size = [], 0
@@ -388,15 +459,37 @@ def read_stories(arrow_files, column, is_txt, chunk_bytes, bar, repair):
         for rows in row_chunks():
             yield keep(rows)
         return
-    # .txt rows are lines with their line breaks: join a chunk's lines, split them into stories, and carry the
-    # unfinished last story into the next chunk.
-    separator, carry = None, ""
+    # .txt rows are lines with their line breaks. What separates the stories is decided for the whole file first:
+    # lines of <|endoftext|> if it has one anywhere, else blank lines.
+    def has_eot_line():
+        for path in arrow_files:
+            with pa.OSFile(path) as f:
+                for batch in pa.ipc.open_stream(f):
+                    if pc.any(pc.match_substring_regex(batch.column(column), r"^<\|endoftext\|>\n?$")).as_py():
+                        return True
+        return False
+
+    separator = EOT_LINE if has_eot_line() else BLANK_LINES
+
+    def split(text, last):
+        """The stories in text, and the unfinished rest. A separator that reaches the end of the text may go on in
+        the next chunk (blank lines), so unless this is the last text the story before it waits for that chunk."""
+        ends = list(separator.finditer(text))
+        if not last and ends and ends[-1].end() == len(text):
+            ends.pop()
+        stories, start = [], 0
+        for end in ends:
+            stories.append(text[start:end.start()])
+            start = end.end()
+        return stories, text[start:]
+
+    # join a chunk's lines, split them into stories, and carry the unfinished last story into the next chunk
+    carry = ""
     for lines in row_chunks():
-        text = carry + "".join(lines)
-        separator = separator or (EOT_LINE if EOT_LINE.search(text) else BLANK_LINES)
-        *stories, carry = separator.split(text)
+        stories, carry = split(carry + "".join(lines), last=False)
         yield keep([s.strip("\n") for s in stories])
-    yield keep([carry.strip("\n")])
+    stories, carry = split(carry, last=True)
+    yield keep([s.strip("\n") for s in stories + [carry]])
 
 
 def progress_bar(sources, desc):

@@ -69,7 +69,7 @@ NANOGPT_FLAGS = {
 }
 
 
-def check_settings(temperature, top_k, top_p, num_samples=1, max_new_tokens=0):
+def check_settings(temperature, top_k, top_p, num_samples=1, max_new_tokens=0, seed=0):
     """Reject settings that cannot sample, before the model is loaded."""
     problems = []
     if not temperature >= 0:  # (also catches nan)
@@ -82,6 +82,8 @@ def check_settings(temperature, top_k, top_p, num_samples=1, max_new_tokens=0):
         problems.append(f"--num_samples must be at least 1, got {num_samples}")
     if max_new_tokens < 0:
         problems.append(f"--max_new_tokens must be 0 or more, got {max_new_tokens}")
+    if not -2**63 <= seed < 2**64:  # what torch.Generator takes
+        problems.append(f"--seed must be below 2**64, got {seed}")
     if problems:
         raise UserError("; ".join(problems))
 
@@ -185,6 +187,14 @@ def linear_for_few_rows(self, x):
 
 def read_prompt(prompt):
     """--prompt as text: itself, or the contents of a file for FILE:path."""
+    if any("\udc80" <= c <= "\udcff" for c in prompt):
+        # Python decoded the command line with an ASCII locale (LC_ALL=C), keeping each other byte as a surrogate:
+        # those are the prompt's UTF-8 bytes.
+        try:
+            prompt = os.fsencode(prompt).decode("utf-8")
+        except UnicodeError:
+            raise UserError("the prompt is not UTF-8 text: give it in UTF-8, or as --prompt=FILE:path to a UTF-8 "
+                            "file") from None
     if prompt.startswith("FILE:"):
         path = prompt[len("FILE:"):]
         try:
@@ -254,7 +264,7 @@ def generate_text(model, tokenizer, prompt, num_samples=1, max_new_tokens=500, t
     """
     import torch
 
-    check_settings(temperature, top_k, top_p, num_samples, max_new_tokens)
+    check_settings(temperature, top_k, top_p, num_samples, max_new_tokens, seed)
     device = model.lm_head.weight.device
     ids = encode_prompt(tokenizer, prompt, model.config.block_size)
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
@@ -294,7 +304,8 @@ def generate_text(model, tokenizer, prompt, num_samples=1, max_new_tokens=500, t
 
 def main(argv=None):
     config = parse_config(SampleConfig, argv, __doc__, NANOGPT_FLAGS)
-    check_settings(config.temperature, config.top_k, config.top_p, config.num_samples, config.max_new_tokens)
+    check_settings(config.temperature, config.top_k, config.top_p, config.num_samples, config.max_new_tokens,
+                   config.seed)
     prompt = read_prompt(config.prompt)
     model, tokenizer = load_model(config.out_dir, config.device, config.dtype, config.compile)
     if hasattr(sys.stdout, "reconfigure"):

@@ -14,6 +14,7 @@ Importing this file has no side effects: sample.py, export.py and the tests use 
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cli import UserError, parse_config, print_config, run_main
+from prepare import file_sha256
 
 # -----------------------------------------------------------------------------
 # config
@@ -41,6 +43,7 @@ class TrainConfig:
     out_dir: str = "out"  # checkpoints (ckpt.pt), log.jsonl and loss.png go here
     data_dir: str = "data/tinystories"  # train.bin, val.bin and meta.json written by prepare.py
     init_from: str = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+    overwrite: bool = False  # start over in an out_dir that holds a checkpoint: its ckpt.pt and log.jsonl are replaced
     eval_interval: int = 500  # evaluate, log and checkpoint every this many iterations
     log_interval: int = 10  # print a progress line every this many iterations
     eval_tokens: int = 1048576  # tokens per split in each evaluation: the same windows whatever --batch_size
@@ -130,6 +133,11 @@ def validate(config):
     problems = []
     if c.init_from not in ("scratch", "resume"):
         problems.append(f"--init_from must be 'scratch' or 'resume', got {c.init_from!r}")
+    if not 0 <= c.seed < 10**8:  # each micro-batch's generator is seeded with (seed * 1e6 + iter) * 1e5 + ...: < 2**64
+        problems.append(f"--seed must be from 0 to 99,999,999, got {c.seed}")
+    if c.overwrite and (c.init_from == "resume" or c.eval_only):
+        problems.append("--overwrite=True starts a new run over the checkpoint in out_dir: it goes with neither "
+                        "--init_from=resume nor --eval_only")
     for name in ("batch_size", "block_size", "total_batch_size", "n_layer", "n_head", "n_embd",
                  "eval_tokens", "eval_interval", "log_interval"):
         if getattr(c, name) < 1:
@@ -404,7 +412,10 @@ def sample_next_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=Non
     """One token per row of logits (B, V): greedy at temperature 0, else from the top_k / top_p filtered softmax."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # Measured from the largest logit, which becomes 0, a tiny temperature sends the others to -inf: greedy, where
+    # dividing first overflowed to inf - inf = nan. (Below float32's smallest normal number it would round to 0.)
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
     ids = None  # once logits are cut down to candidates: the token id of each column
     if top_k and top_k < logits.size(-1):
         # only the k likeliest can be drawn, so draw among just those: a 50K-way draw costs ~1 ms on a CPU
@@ -424,12 +435,51 @@ def sample_next_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=Non
 
 
 def load_meta(data_dir):
+    """
+    data_dir/meta.json, checked at start-up against the files it describes: train.bin and val.bin of the size it
+    gives (a truncated or half-copied file would otherwise fail, or train on part of the data, hours later), and
+    tokenizer.json of the content it records.
+    """
     path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(path):
         raise UserError(f"no dataset at {data_dir} (meta.json is missing): run prepare.py first, "
                         f"or point --data_dir at its output")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    rebuild = f"re-run prepare.py to rebuild {data_dir}"
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        meta = json.loads(text)
+    except (OSError, ValueError) as e:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
+        reason = "empty" if not os.path.getsize(path) else str(e).splitlines()[0][:80]
+        raise UserError(f"{path} is damaged or unreadable ({reason}): {rebuild}") from None
+    try:
+        itemsize = {"uint16": 2, "uint32": 4}[meta["dtype"]]
+        files = {split: (os.path.join(data_dir, meta[split]["file"]), int(meta[split]["tokens"]))
+                 for split in ("train", "val")}
+        int(meta["vocab_size"]), int(meta["eot_token"]), str(meta["tokenizer"]), meta["val"]["bytes"]
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{path} is not a complete meta.json of prepare.py: {rebuild}") from None
+    for split, (bin_path, tokens) in files.items():
+        size = os.path.getsize(bin_path) if os.path.isfile(bin_path) else None
+        if size is None:
+            raise UserError(f"{bin_path} is missing: {rebuild}")
+        if tokens < 1 or size != tokens * itemsize:
+            raise UserError(f"{bin_path} holds {size:,} bytes but meta.json says {tokens:,} {meta['dtype']} tokens "
+                            f"({tokens * itemsize:,} bytes): the data folder is damaged or half-copied; {rebuild}")
+    if meta.get("tokenizer_file"):
+        tokenizer_path = os.path.join(data_dir, meta["tokenizer_file"])
+        if not os.path.isfile(tokenizer_path):
+            raise UserError(f"{tokenizer_path} is missing: {rebuild}")
+        if meta.get("tokenizer_sha256") and file_sha256(tokenizer_path) != meta["tokenizer_sha256"]:
+            raise UserError(f"{tokenizer_path} is not the tokenizer that made this data (its sha256 differs from "
+                            f"meta.json's): {rebuild}")
+    return meta
+
+
+def check_split_length(split, tokens, block_size):
+    if tokens < block_size + 1:
+        raise UserError(f"the {split} split has {tokens} tokens, fewer than block_size + 1 = {block_size + 1}: "
+                        f"use a smaller --block_size or more data")
 
 
 def get_batch(data_dir, meta, split, batch_size, block_size, generator, device, starts=None):
@@ -440,9 +490,7 @@ def get_batch(data_dir, meta, split, batch_size, block_size, generator, device, 
     """
     info = meta[split]
     data = np.memmap(os.path.join(data_dir, info["file"]), dtype=np.dtype(meta["dtype"]), mode="r")
-    if len(data) < block_size + 1:
-        raise UserError(f"the {split} split has {len(data)} tokens, fewer than block_size + 1 = {block_size + 1}: "
-                        f"use a smaller --block_size or more data")
+    check_split_length(split, len(data), block_size)
     if starts is None:
         starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
     windows = torch.from_numpy(data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))  # one gather
@@ -620,14 +668,23 @@ def bits_per_byte(loss, meta):
     return loss / math.log(2) * val["tokens"] / max(1, val["bytes"])
 
 
+def log_row(line):
+    """A row of log.jsonl, or None for a blank line or a row cut short (a crash or a full disk while appending)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("iter"), int) and "val_loss" in row else None
+
+
 def plot_losses(log_path, png_path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(log_path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        rows = [row for row in map(log_row, f) if row]
     tokens = [r["tokens"] / 1e6 for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(tokens, [r["train_loss"] for r in rows], label="train")
@@ -649,8 +706,16 @@ def plot_losses(log_path, png_path):
 def save_checkpoint(path, checkpoint):
     """Write to a temporary file and rename it into place: an interrupted save never leaves a half-written ckpt.pt."""
     tmp = path + ".tmp"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:  # a full disk, a second Ctrl-C: the last good ckpt.pt stays, and no half-written .tmp
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        if isinstance(e, RuntimeError):  # how torch.save reports a failed write ("unexpected pos ...")
+            raise UserError(f"saving {path} failed ({str(e).strip().splitlines()[0][:100]}): check the free space; "
+                            f"the last {os.path.basename(path)} is kept, continue it with --init_from=resume") from None
+        raise
 
 
 def strip_prefixes(state_dict):
@@ -887,9 +952,11 @@ def main(argv=None):
         keep_freed_memory()
     torch.manual_seed(config.seed + rank)
     meta = load_meta(config.data_dir)
-    os.makedirs(config.out_dir, exist_ok=True)
+    if not meta.get("tokenizer_sha256") and tokenizer_sha256(meta, config.data_dir):  # data from an older prepare.py:
+        meta["tokenizer_sha256"] = tokenizer_sha256(meta, config.data_dir)  # the checkpoint records it all the same
     ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
     log_path = os.path.join(config.out_dir, "log.jsonl")
+    check_out_dir(config, ckpt_path)  # before anything in out_dir is touched
 
     # model, optimizer, loss scaler: fresh, or exactly as they were saved
     iter_num, best_val_loss, elapsed_before, train_s, wandb_run_id = 0, float("inf"), 0.0, 0.0, None
@@ -899,14 +966,23 @@ def main(argv=None):
         if checkpoint["meta"].get("tokenizer") != meta.get("tokenizer"):
             raise UserError(f"{ckpt_path} was trained on {checkpoint['meta'].get('tokenizer')} tokens but "
                             f"{config.data_dir} holds {meta.get('tokenizer')} tokens: use the same --data_dir")
+        trained_with = tokenizer_sha256(checkpoint["meta"], config.out_dir)
+        data_made_with = tokenizer_sha256(meta, config.data_dir)
+        if None not in (trained_with, data_made_with) and trained_with != data_made_with:
+            raise UserError(f"{ckpt_path} was trained with another {meta['tokenizer']} tokenizer than the one that "
+                            f"made {config.data_dir} (tokenizer sha256 {trained_with[:12]}... vs "
+                            f"{data_made_with[:12]}...): the same ids mean other text. Use the --data_dir it was "
+                            "trained on")
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
         elapsed_before = checkpoint.get("elapsed_s", 0.0)
         train_s = checkpoint.get("train_s", 0.0)  # training time already spent, for --max_minutes
         wandb_run_id = checkpoint.get("wandb_run_id")  # the resumed run logs into the same wandb run
-        trained_with = checkpoint["config"].get("optimizer", "adamw")
-        if trained_with != config.optimizer:
-            raise UserError(f"{ckpt_path} was trained with --optimizer={trained_with}: resume with the same "
-                            f"--optimizer={trained_with}")
+        optimized_with = checkpoint["config"].get("optimizer", "adamw")  # (checkpoints from before Muon: adamw)
+        if config.eval_only:
+            config.optimizer = optimized_with
+        elif optimized_with != config.optimizer:
+            raise UserError(f"{ckpt_path} was trained with --optimizer={optimized_with}: resume with the same "
+                            f"--optimizer={optimized_with}")
         say(f"resuming from {ckpt_path} at iter {iter_num}")
     else:
         model_args = dict(block_size=config.block_size, vocab_size=meta["vocab_size"], n_layer=config.n_layer,
@@ -917,6 +993,8 @@ def main(argv=None):
     model.to(device)
     model.chunked_loss = device.type == "cpu" and not compile_model and dtype == "float32"
     block_size = model.config.block_size  # the checkpoint's when resuming, whatever --block_size says
+    for split in ("train", "val"):  # now, not at the first evaluation
+        check_split_length(split, meta[split]["tokens"], block_size)
     say(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.flops_per_token() / 1e6:.0f} MFLOP/token")
     grad_accum = micro_steps_per_process(config, block_size, world_size)
     tokens_per_iter = grad_accum * world_size * config.batch_size * block_size
@@ -937,14 +1015,19 @@ def main(argv=None):
         if rank:
             torch.manual_seed(config.seed + rank + 1_000_003 * iter_num)
         del checkpoint
+    if master and config.overwrite and os.path.exists(ckpt_path):  # asked to start over: the old run goes now,
+        os.remove(ckpt_path)  # so that its checkpoint never meets this run's tokenizer.json or log
     # a new run starts a new log; a resumed one drops the rows it will redo
     if master and os.path.exists(log_path) and not config.eval_only:
-        with open(log_path, encoding="utf-8") as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["iter"] < iter_num]
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            kept = [line for line in f if log_row(line) and log_row(line)["iter"] < iter_num]
         with open(log_path + ".tmp", "w", encoding="utf-8") as f:
             f.writelines(kept)
         os.replace(log_path + ".tmp", log_path)
-    if master and meta.get("tokenizer_file"):  # sample.py needs only out_dir: the tokenizer travels with ckpt.pt
+    if master and meta.get("tokenizer_file") and not config.eval_only:
+        # sample.py needs only out_dir: the tokenizer travels with ckpt.pt. A checkpoint already there was made with
+        # this very tokenizer (a resume checked it above; a new run refused, or removed it for --overwrite), so
+        # this never puts another tokenizer beside a checkpoint.
         dst = os.path.join(config.out_dir, meta["tokenizer_file"])
         shutil.copyfile(os.path.join(config.data_dir, meta["tokenizer_file"]), dst + ".tmp")
         os.replace(dst + ".tmp", dst)
@@ -976,7 +1059,7 @@ def main(argv=None):
         }
 
     # Ctrl-C finishes the current step, saves a checkpoint and exits; a second Ctrl-C stops at once
-    stop_requested = []
+    stop_requested, interrupted = [], None
 
     def request_stop(signum, frame):
         stop_requested.append(signum)
@@ -1020,8 +1103,7 @@ def main(argv=None):
             if config.eval_only:
                 break
             if not all(math.isfinite(v) for v in losses.values()):
-                raise UserError(f"the loss became {losses['val']} at iter {iter_num}; {ckpt_path} keeps the last "
-                                "good checkpoint. Try a lower --learning_rate, or --dtype=bfloat16/float32")
+                raise loss_not_finite(losses["val"], iter_num, ckpt_path)
             row = {"iter": iter_num, "tokens": iter_num * tokens_per_iter, "train_loss": losses["train"],
                    "val_loss": losses["val"], "val_bpb": val_bpb, "lr": lr,
                    "elapsed_s": round(elapsed_before + time.time() - t_start, 3), "train_s": round(train_s, 3)}
@@ -1066,8 +1148,7 @@ def main(argv=None):
         if iters_since_log and (iter_num % config.log_interval == 0 or done):
             loss_now = loss.item()  # a host-device sync, so only once per log_interval
             if not math.isfinite(loss_now):
-                raise UserError(f"the loss became {loss_now} at iter {iter_num}; {ckpt_path} keeps the last good "
-                                "checkpoint. Try a lower --learning_rate, or --dtype=bfloat16/float32")
+                raise loss_not_finite(loss_now, iter_num, ckpt_path)
             now = time.time()
             dt = (now - t_last) / iters_since_log
             train_s += now - t_last
@@ -1095,19 +1176,62 @@ def main(argv=None):
                 stop = agreed[0].item() > 0
                 clock_train_s, clock_s_per_iter = agreed[1].item(), agreed[2].item()
         if stop:
+            interrupted = f"stopped at iter {iter_num}"
             if master:
                 if config.always_save_checkpoint:
                     save_checkpoint(ckpt_path, checkpoint_now())
-                    say(f"interrupted: saved {ckpt_path} at iter {iter_num}; continue with --init_from=resume")
+                    interrupted = f"saved {ckpt_path} at iter {iter_num}; continue with --init_from=resume"
+                elif os.path.exists(ckpt_path):
+                    interrupted = f"stopped at iter {iter_num}; {ckpt_path} keeps the best val loss"
                 else:
-                    say(f"interrupted at iter {iter_num}; {ckpt_path} keeps the best val loss")
+                    interrupted = f"stopped at iter {iter_num}, before any checkpoint was saved"
             break
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     if wandb_run:
         wandb_run.finish()
     if ddp:
         torch.distributed.barrier()  # rank 0 may still be evaluating and saving: leave together
         torch.distributed.destroy_process_group()
+    if interrupted:  # the run did not finish: exit code 130 (cli.run_main), so that scripts can tell
+        raise KeyboardInterrupt(interrupted)
+
+
+def check_out_dir(config, ckpt_path):
+    """Refuse, before anything is written, an out_dir that cannot be written or whose checkpoint a new run would
+    overwrite (nanoGPT overwrites it at the first evaluation: an afternoon of training lost to a forgotten flag)."""
+    if os.path.exists(config.out_dir) and not os.path.isdir(config.out_dir):
+        raise UserError(f"--out_dir={config.out_dir} is a file, not a folder: choose another --out_dir")
+    if config.init_from == "scratch" and os.path.exists(ckpt_path) and not config.overwrite:
+        raise UserError(f"{ckpt_path} holds a trained checkpoint that a new run would replace: continue it with "
+                        "--init_from=resume, choose another --out_dir, or start over with --overwrite=True (replaces "
+                        "its ckpt.pt and log.jsonl)")
+    if config.eval_only:
+        return  # writes nothing
+    probe = os.path.join(config.out_dir, f".write-test-{os.getpid()}")
+    try:  # find out now, not at the first checkpoint
+        os.makedirs(config.out_dir, exist_ok=True)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to --out_dir={config.out_dir} ({e.strerror}); choose a folder you can write "
+                        "to") from None
+
+
+def tokenizer_sha256(meta, folder):
+    """The tokenizer's content hash: meta's, or for a meta.json from before it was recorded, that of the tokenizer
+    file in folder (None for gpt2, whose ranks never change, or without the file)."""
+    if meta.get("tokenizer_sha256"):
+        return meta["tokenizer_sha256"]
+    path = meta.get("tokenizer_file") and os.path.join(folder, meta["tokenizer_file"])
+    return file_sha256(path) if path and os.path.isfile(path) else None
+
+
+def loss_not_finite(loss, iter_num, ckpt_path):
+    kept = (f"{ckpt_path} keeps the last good checkpoint" if os.path.exists(ckpt_path) else
+            "no checkpoint was saved before it")
+    return UserError(f"the loss became {loss} at iter {iter_num}; {kept}. Try a lower --learning_rate, or "
+                     "--dtype=bfloat16/float32")
 
 
 def main_with_memory_hint(argv=None):
@@ -1118,6 +1242,11 @@ def main_with_memory_hint(argv=None):
         raise UserError(f"out of GPU memory ({what}): lower --batch_size (gradient accumulation then makes up "
                         "--total_batch_size, so the step stays the same), or --block_size or the model size; or free "
                         "the GPU from other processes") from None
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS):
+            raise
+        raise UserError(f"writing {e.filename or 'to --out_dir'} failed ({e.strerror}): free some space, then "
+                        "continue with --init_from=resume (ckpt.pt is only ever replaced whole)") from None
 
 
 if __name__ == "__main__":

@@ -203,10 +203,13 @@ def test_export_of_a_trained_run_loads_in_a_pipeline(tmp_path):
                                 else idx)
     assert text == expected and len(text) > len("Once upon a time")
 
-    # exporting again replaces the earlier export as a whole
-    open(os.path.join(hf_dir, "stale.txt"), "w").close()
+    # exporting again replaces the export's files and nothing else: the user's notes (or a repo's .git) stay
+    with open(os.path.join(hf_dir, "notes.txt"), "wb") as f:
+        f.write(b"my notes\n")
     export.main([f"--out_dir={out_dir}"])
-    assert "stale.txt" not in os.listdir(hf_dir)
+    assert sorted(os.listdir(hf_dir)) == ["README.md", "config.json", "generation_config.json", "model.safetensors",
+                                          "notes.txt", "tokenizer.json", "tokenizer_config.json"]
+    assert open(os.path.join(hf_dir, "notes.txt"), "rb").read() == b"my notes\n"
 
 
 def test_no_checkpoint_is_a_one_line_error(tmp_path):
@@ -233,9 +236,10 @@ def test_what_is_not_an_earlier_export_is_never_replaced(tmp_path, where):
     out_dir = str(tmp_path / "out")
     make_checkpoint(out_dir, "bpe")
     hf_dir = {"out_dir": out_dir, "folder": str(tmp_path / "notes"), "file": str(tmp_path / "notes.txt")}[where]
-    if where == "folder":
+    if where == "folder":  # a folder whose own config.json the export would replace
         os.makedirs(hf_dir)
-        open(os.path.join(hf_dir, "notes.txt"), "w").close()
+        with open(os.path.join(hf_dir, "config.json"), "w") as f:
+            f.write('{"mine": true}')
     elif where == "file":
         open(hf_dir, "w").close()
     before = {path: sorted(files) for path, _, files in os.walk(tmp_path)}
