@@ -97,6 +97,11 @@ class TrainConfig:
 # - 5000 steps x (64 x 512 x 4 = 131K tokens) = 655M tokens, about 1.4 epochs of TinyStories' 472M training tokens,
 #   in 655M / 1.14M = 10 min, leaving room for compilation and evaluation inside 15 minutes. The val loss it reaches
 #   on the full dataset has not been measured yet.
+# - Muon (the default optimizer) orthogonalises each block matrix every step: 5 Newton-Schulz iterations of three
+#   matmuls, 2 * (2 * 512^2 * n + 512^3) FLOPs each for a 512 x n matrix, ~38 GFLOP per layer, 0.3 TFLOP per step
+#   against 131K x 331M = 43 TFLOP of training: +0.7%, in bf16 on the GPU. Per step it learned far more than AdamW on
+#   the CPU recipe (1.332 against 1.403 bits/byte after 200 steps, learning rate as AdamW's), so it replaces AdamW at
+#   the same steps; --optimizer=adamw gives the 2022 recipe back. With --max_minutes=10 the steps follow the clock.
 
 
 def eval_iters_as_tokens(eval_iters, config):
@@ -1157,10 +1162,10 @@ def main(argv=None):
             tokens_per_s = tokens_per_iter / dt
             mfu = raw_model.estimate_mfu(tokens_per_s / world_size, peak_flops) if peak_flops else 0.0
             if budget_s:
-                eta, so_far = budget_s - train_s, f"{train_s / 60:.1f}/{config.max_minutes:g} min"
+                eta, so_far = budget_s - train_s, f" ({train_s / 60:.1f}/{config.max_minutes:g} min)"
             else:
-                eta, so_far = (config.max_iters - iter_num) * dt, f"{config.max_iters}"
-            say(f"iter {iter_num}/{so_far} | loss {loss_now:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | "
+                eta, so_far = (config.max_iters - iter_num) * dt, f"/{config.max_iters}"
+            say(f"iter {iter_num}{so_far} | loss {loss_now:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | "
                 f"{tokens_per_s:,.0f} tok/s | mfu {mfu * 100:.1f}% | eta {int(eta // 60)}m{int(eta % 60):02d}s")
             if wandb_run:
                 wandb_run.log({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "loss": loss_now, "lr": lr,
