@@ -92,12 +92,14 @@ def test_embedding_is_padded_and_tied():
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_chunked_loss_matches_plain_cross_entropy(bias):
-    idx, targets = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
+    # 50 x 16 = 800 rows: three 256-row chunks and a ragged fourth, so the sum over chunks and the 1/n scaling count
+    idx, targets = torch.randint(0, 50, (50, 16)), torch.randint(0, 50, (50, 16))
     grads = []
     for chunked in (False, True):
         model = tiny_model(bias=bias)
         model.chunked_loss = chunked
-        _, loss = model(idx, targets)
+        logits, loss = model(idx, targets)
+        assert (logits is None) == chunked  # the chunked path never makes the full logits
         loss.backward()
         grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
     (loss_a, grads_a), (loss_b, grads_b) = grads
