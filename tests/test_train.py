@@ -323,15 +323,38 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data_dir, tmp
 
 def test_bfloat16_autocast_on_cpu(data_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    run_train(data_dir, out, "--max_iters=6", "--eval_interval=6", "--dtype=bfloat16")
+    linear_outputs = []  # (training?, dtype) of every Linear's output: evidence that autocast ran, not the flag echoed
+
+    def record(module, args, output):
+        if isinstance(module, torch.nn.Linear):
+            linear_outputs.append((torch.is_grad_enabled(), output.dtype))
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        run_train(data_dir, out, "--max_iters=6", "--eval_interval=6", "--dtype=bfloat16")
+    finally:
+        hook.remove()
     assert "device cpu, dtype bfloat16," in capsys.readouterr().out
+    assert {training for training, _ in linear_outputs} == {True, False}  # training steps and evaluation both
+    assert {dtype for _, dtype in linear_outputs} == {torch.bfloat16}
+    checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
+    assert all(v.dtype == torch.float32 for v in checkpoint["model"].values())  # float32 master weights: autocast
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]
 
 
 def test_torch_compile_on_cpu(data_dir, tmp_path, capsys):
+    from torch._dynamo.utils import counters
+
     out = tmp_path / "out"
-    run_train(data_dir, out, "--max_iters=3", "--eval_interval=3", "--compile=True")
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        run_train(data_dir, out, "--max_iters=3", "--eval_interval=3", "--compile=True")
+        graphs = counters["stats"]["unique_graphs"]  # dynamo's count of the graphs it compiled: evidence it ran
+    finally:
+        torch._dynamo.reset()
+    assert graphs >= 1
     assert "compile True" in capsys.readouterr().out
     checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
     assert not any(k.startswith("_orig_mod.") for k in checkpoint["model"])
