@@ -131,12 +131,8 @@ def test_generate_never_samples_padding_ids():
     assert out.max().item() < 50
 
 
-def test_kv_cache_greedy_matches_full_recompute_past_block_size():
-    model = tiny_model(block_size=16).eval()
-    prompt = torch.randint(0, 50, (2, 5))
-    cached = model.generate(prompt, 40, temperature=0, kv_cache=True)
-    uncached = model.generate(prompt, 40, temperature=0, kv_cache=False)
-    assert torch.equal(cached, uncached)
+# The KV cache is tested in test_sample.py, on models that read their whole context: an untrained one here barely
+# does, and passed with attention cut to the last 6 cached positions.
 
 
 # --- data -------------------------------------------------------------------
