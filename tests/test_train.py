@@ -255,14 +255,21 @@ def test_training_learns_and_writes_log_plot_checkpoint(data_dir, tmp_path, caps
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in checkpoint["model"])
 
 
+def files_with_mtimes(folder):
+    """Every file under folder: its bytes and modification time."""
+    return {str(path.relative_to(folder)): (path.read_bytes(), path.stat().st_mtime_ns)
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
 def test_eval_only_reports_and_writes_nothing(data_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    run_train(data_dir, out, "--max_iters=4", "--eval_interval=4")
+    run_train(data_dir, out, "--max_iters=4", "--eval_interval=4", "--plot=True")
     capsys.readouterr()
-    before = (out / "ckpt.pt").stat().st_mtime_ns
-    run_train(data_dir, out, "--init_from=resume", "--eval_only=True")
+    before = files_with_mtimes(out)
+    assert {"ckpt.pt", "log.jsonl", "loss.png"} <= set(before)
+    run_train(data_dir, out, "--init_from=resume", "--eval_only=True", "--plot=True")
     assert "eval iter 4: train loss" in capsys.readouterr().out
-    assert (out / "ckpt.pt").stat().st_mtime_ns == before
+    assert files_with_mtimes(out) == before  # every file, byte for byte and untouched, and no new one
 
 
 def test_resume_is_exact(data_dir, tmp_path):
