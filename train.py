@@ -754,7 +754,8 @@ def main(argv=None):
         with open(log_path + ".tmp", "w", encoding="utf-8") as f:
             f.writelines(kept)
         os.replace(log_path + ".tmp", log_path)
-    if master and meta.get("tokenizer_file"):  # sample.py needs only out_dir: the tokenizer travels with ckpt.pt
+    # sample.py needs only out_dir: the tokenizer travels with ckpt.pt (evaluating writes nothing, this included)
+    if master and meta.get("tokenizer_file") and not config.eval_only:
         dst = os.path.join(config.out_dir, meta["tokenizer_file"])
         shutil.copyfile(os.path.join(config.data_dir, meta["tokenizer_file"]), dst + ".tmp")
         os.replace(dst + ".tmp", dst)

@@ -53,3 +53,25 @@ def test_chunked_lm_head_loss_over_several_chunks_is_cross_entropy(rows):
     assert torch.allclose(gw_c, gw_f, rtol=0, atol=1e-12)
     # every chunk's rows contributed: the last chunk's targets move the loss and the gradient
     assert gx_c[-1].abs().sum() > 0 and gx_c[256 * (rows // 256) - 1].abs().sum() > 0
+
+
+# --- --eval_only with a bpe:N tokenizer ----------------------------------------------------
+
+
+def test_eval_only_leaves_the_runs_tokenizer_untouched(tmp_path):
+    """train.py copies tokenizer.json into out_dir for sample.py; evaluating must not write it (or anything) again."""
+    from test_sample import write_stories
+    from test_train import files_with_mtimes
+
+    import prepare
+
+    write_stories(tmp_path / "train.txt", 200, seed=0)
+    write_stories(tmp_path / "val.txt", 40, seed=1)
+    data, out = tmp_path / "data", tmp_path / "out"
+    prepare.main([f"--train_files={tmp_path / 'train.txt'}", f"--val_files={tmp_path / 'val.txt'}",
+                  "--tokenizer=bpe:300", f"--data_dir={data}", f"--cache_dir={tmp_path / 'hf-cache'}"])
+    run_train(str(data), out, "--max_iters=1", "--eval_interval=1", "--plot=True", "--peak_flops=1e12")
+    before = files_with_mtimes(out)
+    assert {"ckpt.pt", "log.jsonl", "loss.png", "tokenizer.json"} <= set(before)
+    run_train(str(data), out, "--eval_only=True", "--plot=True", "--peak_flops=1e12")
+    assert files_with_mtimes(out) == before
