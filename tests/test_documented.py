@@ -1,7 +1,7 @@
 """
 Documented behaviour, each test built to fail if the behaviour it names regressed: the chunked LM-head loss over
-several chunks, --always_save_checkpoint, --grad_clip, --decay_lr, the CPU recipe, prepare's --dtype=auto, DDP logging
-and the device default for --compile.
+several chunks, --eval_only writing nothing, --always_save_checkpoint, --grad_clip, --decay_lr, the CPU recipe,
+prepare's --dtype=auto, DDP logging and the device default for --compile.
 """
 
 import ast
@@ -18,7 +18,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 import prepare
 import train
 from cli import parse_config
-from test_train import ROOT, TINY, make_dataset, run_train
+from test_sample import write_stories
+from test_train import ROOT, TINY, files_with_mtimes, make_dataset, run_train
 from train import ChunkedLMHeadLoss, TrainConfig
 
 FAST = "--peak_flops=1e12"  # skips measuring the CPU's matmul speed for MFU: a second or two per run
@@ -57,8 +58,6 @@ def test_chunked_lm_head_loss_over_several_chunks_is_cross_entropy(rows):
     assert loss_c.item() == pytest.approx(loss_f.item(), rel=1e-6)  # (the chunked sum is kept in float32)
     assert torch.allclose(gx_c, gx_f, rtol=0, atol=1e-12)
     assert torch.allclose(gw_c, gw_f, rtol=0, atol=1e-12)
-    # every chunk's rows contributed: the last chunk's targets move the loss and the gradient
-    assert gx_c[-1].abs().sum() > 0 and gx_c[256 * (rows // 256) - 1].abs().sum() > 0
 
 
 # --- --eval_only with a bpe:N tokenizer ----------------------------------------------------
@@ -66,9 +65,6 @@ def test_chunked_lm_head_loss_over_several_chunks_is_cross_entropy(rows):
 
 def test_eval_only_leaves_the_runs_tokenizer_untouched(tmp_path):
     """train.py copies tokenizer.json into out_dir for sample.py; evaluating must not write it (or anything) again."""
-    from test_sample import write_stories
-    from test_train import files_with_mtimes
-
     write_stories(tmp_path / "train.txt", 200, seed=0)
     write_stories(tmp_path / "val.txt", 40, seed=1)
     data, out = tmp_path / "data", tmp_path / "out"
