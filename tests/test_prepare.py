@@ -1,6 +1,7 @@
 """prepare.py on tiny corpora made here: token-exact output for every format, meta.json, re-runs, crashes, errors."""
 
 import dataclasses
+import itertools
 import json
 import os
 import random
@@ -131,10 +132,19 @@ def test_mis_encoded_punctuation_of_the_hub_release_is_repaired(tmp_path):
     assert np.array_equal(tokens(tmp_path / "raw", "train"), gpt2_ids(broken))
 
 
-def test_txt_stories_split_across_chunks_files_and_threads(tmp_path):
+def test_txt_stories_split_across_chunks_files_and_threads(tmp_path, monkeypatch):
     # Many lines and tiny chunks: stories run across chunk boundaries and are carried over; several threads encode at
-    # once and the ids still come out in order. The first file does not end in a line break and the next story must
-    # not run into it.
+    # once and the ids still come out in order, although every third chunk is made to finish after the two that
+    # follow it (a writer that wrote chunks as they finished would scramble the stories). The first file does not
+    # end in a line break and the next story must not run into it.
+    calls, real_encode = itertools.count(), prepare.Tokenizer.encode_stories
+
+    def every_third_chunk_slow(self, stories):
+        if next(calls) // 2 % 3 == 0:  # two calls a chunk: its train and val stories
+            time.sleep(0.05)
+        return real_encode(self, stories)
+
+    monkeypatch.setattr(prepare.Tokenizer, "encode_stories", every_third_chunk_slow)
     rng = random.Random(0)
     stories = [f"Story {i}.\n" + "\n".join(f"Line {j}, {'la ' * rng.randrange(9)}" for j in range(rng.randrange(1, 8)))
                for i in range(900)]
