@@ -23,11 +23,24 @@ import json
 import math
 import operator
 import os
+import signal
 import sys
 
 
 class UserError(Exception):
     """Bad input or a broken environment: reported as one line that says what to do, never as a traceback."""
+
+
+def interrupt_in_one_line():
+    """
+    From here until run_main takes over, Ctrl-C ends the script with one line and exit code 130, not a traceback:
+    for scripts that import torch (a second or two) before run_main can catch anything.
+    """
+    def interrupted(signum, frame):
+        print(f"{os.path.basename(sys.argv[0]) or 'slm'}: interrupted", file=sys.stderr)
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, interrupted)
 
 
 def run_main(main, argv=None):
@@ -38,6 +51,7 @@ def run_main(main, argv=None):
     the exit code of a program that SIGPIPE ended, 141.
     """
     name = os.path.basename(sys.argv[0]) or "slm"
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is a KeyboardInterrupt again, caught below
     try:
         main(argv)
     except UserError as e:

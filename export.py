@@ -22,11 +22,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
-import torch
+from cli import UserError, interrupt_in_one_line, parse_config, run_main
 
-from cli import UserError, parse_config, run_main
-from prepare import EOT_TEXT, load_tokenizer
-from train import bits_per_byte, load_checkpoint
+if __name__ == "__main__":
+    interrupt_in_one_line()  # while torch loads
+
+import torch  # noqa: E402
+
+from prepare import EOT_TEXT, load_tokenizer  # noqa: E402
+from train import bits_per_byte, load_checkpoint  # noqa: E402
 
 
 @dataclass

@@ -24,14 +24,18 @@ import signal
 import time
 from dataclasses import dataclass
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from cli import UserError, interrupt_in_one_line, parse_config, print_config, run_main
 
-from cli import UserError, parse_config, print_config, run_main
-from prepare import file_sha256
+if __name__ == "__main__":
+    interrupt_in_one_line()  # while torch loads
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from prepare import file_sha256  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # config
@@ -516,7 +520,7 @@ def configure_optimizers(model, config, device_type, muon_ns_dtype=torch.bfloat1
       adamw: AdamW for everything; weight decay only on matrices and embeddings (>= 2-D), never on gains and biases.
       muon:  Muon for the 2-D matrices inside the blocks (attention and MLP weights), which it orthogonalises; AdamW
              as above for the rest: the embedding (which is also the LM head), the positions, gains and biases.
-    Each group keeps its peak learning rate as "peak_lr"; the schedule scales it (set_lr).
+    The schedule sets their learning rates at every step (set_lr).
     """
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     use_muon = config.optimizer == "muon"
@@ -534,18 +538,15 @@ def configure_optimizers(model, config, device_type, muon_ns_dtype=torch.bfloat1
         muon_lr = config.muon_lr or config.learning_rate
         optimizers.append(Muon(matrices, lr=muon_lr, weight_decay=config.weight_decay, momentum=config.muon_momentum,
                                adjust_lr_fn="match_rms_adamw", ns_dtype=muon_ns_dtype))
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group["peak_lr"] = group["lr"]
     return optimizers
 
 
 class Muon(torch.optim.Muon):
     """
     torch.optim.Muon with its Newton-Schulz iterations in ns_dtype. torch runs them in bfloat16, which suits GPUs and
-    CPUs with bf16 arithmetic, but a CPU without it emulates bfloat16 matmuls at about 1 GFLOP/s against 60-90 in
-    float32: for the CPU recipe's matrices, 10.4 s per step in bfloat16 against 0.15 s in float32 on a 2-core AMD
-    EPYC without avx512_bf16. The update is otherwise torch's, line for line, and so is the state (momentum_buffer).
+    CPUs with bf16 arithmetic, but a CPU without it emulates bfloat16 matmuls at about 1 GFLOP/s against 50-110 in
+    float32: for a 4 x 192 model's matrices, 10 s per step in bfloat16 against 0.07 s in float32 on a 2-core AMD EPYC
+    without avx512_bf16. The update is otherwise torch's, line for line, and so is the state (momentum_buffer).
     """
 
     def __init__(self, params, ns_dtype=torch.bfloat16, **kwargs):
@@ -633,10 +634,12 @@ def get_lr(step, config, progress=None):
     return config.learning_rate * lr_scale(step, progress, config)
 
 
-def set_lr(optimizers, scale):
+def set_lr(optimizers, config, scale):
+    """Each optimizer's peak, from the config (not the checkpoint: a resumed run may change it), times scale."""
     for optimizer in optimizers:
+        peak = (config.muon_lr or config.learning_rate) if isinstance(optimizer, Muon) else config.learning_rate
         for group in optimizer.param_groups:
-            group["lr"] = group["peak_lr"] * scale
+            group["lr"] = peak * scale
 
 
 # -----------------------------------------------------------------------------
@@ -907,6 +910,43 @@ def micro_steps_per_process(config, block_size, world_size):
     return micro_steps // world_size
 
 
+def check_out_dir(config, ckpt_path):
+    """Refuse, before anything is written, an out_dir that cannot be written or whose checkpoint a new run would
+    overwrite (nanoGPT overwrites it at the first evaluation: an afternoon of training lost to a forgotten flag)."""
+    if os.path.exists(config.out_dir) and not os.path.isdir(config.out_dir):
+        raise UserError(f"--out_dir={config.out_dir} is a file, not a folder: choose another --out_dir")
+    if config.init_from == "scratch" and os.path.exists(ckpt_path) and not config.overwrite:
+        raise UserError(f"{ckpt_path} holds a trained checkpoint that a new run would replace: continue it with "
+                        "--init_from=resume, choose another --out_dir, or start over with --overwrite=True (replaces "
+                        "its ckpt.pt and log.jsonl)")
+    if config.eval_only:
+        return  # writes nothing
+    probe = os.path.join(config.out_dir, f".write-test-{os.getpid()}")
+    try:  # find out now, not at the first checkpoint
+        os.makedirs(config.out_dir, exist_ok=True)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to --out_dir={config.out_dir} ({e.strerror}); choose a folder you can write "
+                        "to") from None
+
+
+def tokenizer_sha256(meta, folder):
+    """The tokenizer's content hash: meta's, or for a meta.json from before it was recorded, that of the tokenizer
+    file in folder (None for gpt2, whose ranks never change, or without the file)."""
+    if meta.get("tokenizer_sha256"):
+        return meta["tokenizer_sha256"]
+    path = meta.get("tokenizer_file") and os.path.join(folder, meta["tokenizer_file"])
+    return file_sha256(path) if path and os.path.isfile(path) else None
+
+
+def loss_not_finite(loss, iter_num, ckpt_path):
+    kept = (f"{ckpt_path} keeps the last good checkpoint" if os.path.exists(ckpt_path) else
+            "no checkpoint was saved before it")
+    return UserError(f"the loss became {loss} at iter {iter_num}; {kept}. Try a lower --learning_rate, or "
+                     "--dtype=bfloat16/float32")
+
+
 def main(argv=None):
     config = parse_config(TrainConfig, argv, __doc__, NANOGPT_FLAGS)
     validate(config)
@@ -1096,7 +1136,7 @@ def main(argv=None):
     while True:
         fraction = fraction_done(iter_num + 1)  # when the coming step ends
         scale = lr_scale(iter_num, fraction, config)
-        set_lr(optimizers, scale)
+        set_lr(optimizers, config, scale)
         lr = config.learning_rate * scale
 
         if master and (iter_num % config.eval_interval == 0 or done or config.eval_only):
@@ -1162,7 +1202,7 @@ def main(argv=None):
             tokens_per_s = tokens_per_iter / dt
             mfu = raw_model.estimate_mfu(tokens_per_s / world_size, peak_flops) if peak_flops else 0.0
             if budget_s:
-                eta, so_far = budget_s - train_s, f" ({train_s / 60:.1f}/{config.max_minutes:g} min)"
+                eta, so_far = max(0.0, budget_s - train_s), f" ({train_s / 60:.1f}/{config.max_minutes:g} min)"
             else:
                 eta, so_far = (config.max_iters - iter_num) * dt, f"/{config.max_iters}"
             say(f"iter {iter_num}{so_far} | loss {loss_now:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | "
@@ -1200,43 +1240,6 @@ def main(argv=None):
         torch.distributed.destroy_process_group()
     if interrupted:  # the run did not finish: exit code 130 (cli.run_main), so that scripts can tell
         raise KeyboardInterrupt(interrupted)
-
-
-def check_out_dir(config, ckpt_path):
-    """Refuse, before anything is written, an out_dir that cannot be written or whose checkpoint a new run would
-    overwrite (nanoGPT overwrites it at the first evaluation: an afternoon of training lost to a forgotten flag)."""
-    if os.path.exists(config.out_dir) and not os.path.isdir(config.out_dir):
-        raise UserError(f"--out_dir={config.out_dir} is a file, not a folder: choose another --out_dir")
-    if config.init_from == "scratch" and os.path.exists(ckpt_path) and not config.overwrite:
-        raise UserError(f"{ckpt_path} holds a trained checkpoint that a new run would replace: continue it with "
-                        "--init_from=resume, choose another --out_dir, or start over with --overwrite=True (replaces "
-                        "its ckpt.pt and log.jsonl)")
-    if config.eval_only:
-        return  # writes nothing
-    probe = os.path.join(config.out_dir, f".write-test-{os.getpid()}")
-    try:  # find out now, not at the first checkpoint
-        os.makedirs(config.out_dir, exist_ok=True)
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"cannot write to --out_dir={config.out_dir} ({e.strerror}); choose a folder you can write "
-                        "to") from None
-
-
-def tokenizer_sha256(meta, folder):
-    """The tokenizer's content hash: meta's, or for a meta.json from before it was recorded, that of the tokenizer
-    file in folder (None for gpt2, whose ranks never change, or without the file)."""
-    if meta.get("tokenizer_sha256"):
-        return meta["tokenizer_sha256"]
-    path = meta.get("tokenizer_file") and os.path.join(folder, meta["tokenizer_file"])
-    return file_sha256(path) if path and os.path.isfile(path) else None
-
-
-def loss_not_finite(loss, iter_num, ckpt_path):
-    kept = (f"{ckpt_path} keeps the last good checkpoint" if os.path.exists(ckpt_path) else
-            "no checkpoint was saved before it")
-    return UserError(f"the loss became {loss} at iter {iter_num}; {kept}. Try a lower --learning_rate, or "
-                     "--dtype=bfloat16/float32")
 
 
 def main_with_memory_hint(argv=None):

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -441,6 +442,17 @@ def test_ctrl_c_during_start_up_is_one_line_and_130(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err == "train.py: interrupted\n", err
     assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("script", ["train.py", "export.py"])
+def test_ctrl_c_while_torch_loads_is_one_line_and_130(script):
+    """Before run_main runs: a script that imports torch at its top spends a second or more there."""
+    proc = subprocess.Popen([sys.executable, script, "--out_dir=/nonexistent"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(0.25)  # past Python's own start-up, inside `import torch` (about a second even on a fast machine)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == f"{script}: interrupted\n", err
 
 
 def test_a_second_ctrl_c_in_training_is_one_line_and_130(tmp_path):

@@ -91,14 +91,6 @@ def test_prepare_force_alone_rebuilds(tmp_path, capsys):
     assert "is up to date" not in capsys.readouterr().out
 
 
-@pytest.fixture
-def data_dir(tmp_path):
-    path = tmp_path / "data"
-    path.mkdir()
-    make_dataset(str(path))
-    return str(path)
-
-
 def test_train_eval_only_alone_evaluates_the_checkpoint(data_dir, tmp_path, capsys):
     out = str(tmp_path / "out")
     flags = [f"--data_dir={data_dir}", f"--out_dir={out}", *TINY, "--peak_flops=1e12"]

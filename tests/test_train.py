@@ -15,39 +15,14 @@ import torch
 
 import train
 from cli import UserError
+from conftest import make_dataset
 from train import GPT, GPTConfig, TrainConfig, get_batch, get_lr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: these models are tiny
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
         "--gradient_accumulation_steps=2", "--eval_tokens=512", "--log_interval=1", "--warmup_iters=2",
         "--learning_rate=3e-3", "--min_lr=3e-4", "--device=cpu", "--compile=False", "--plot=False"]
-
-
-def make_dataset(path, vocab_size=64, train_tokens=20_000, val_tokens=4_000, seed=0):
-    """A learnable token stream: 'stories' that count upwards from a random start, each ended by the last id."""
-    rng = np.random.default_rng(seed)
-    eot = vocab_size - 1
-    meta = {"tokenizer": f"bpe:{vocab_size}", "tokenizer_file": None, "vocab_size": vocab_size, "eot_token": eot,
-            "dtype": "uint16"}
-    for split, n in (("train", train_tokens), ("val", val_tokens)):
-        ids, stories = [], 0
-        while len(ids) < n:
-            start, length = rng.integers(0, eot), rng.integers(4, 24)
-            ids += [(start + i) % eot for i in range(length)] + [eot]
-            stories += 1
-        np.array(ids, dtype=np.uint16).tofile(os.path.join(path, f"{split}.bin"))
-        meta[split] = {"file": f"{split}.bin", "tokens": len(ids), "stories": stories, "bytes": 3 * len(ids)}
-    with open(os.path.join(path, "meta.json"), "w") as f:
-        json.dump(meta, f)
-    return meta
-
-
-@pytest.fixture
-def data_dir(tmp_path):
-    path = tmp_path / "data"
-    path.mkdir()
-    make_dataset(str(path))
-    return str(path)
 
 
 def run_train(data_dir, out_dir, *flags):
