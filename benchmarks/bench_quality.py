@@ -2,7 +2,7 @@
 Quality per minute: a recipe trained with each optimizer for the same budget, on the same data, side by side.
 
     python benchmarks/bench_quality.py --recipe=configs/tinystories_cpu.py --minutes=10
-    python benchmarks/bench_quality.py --recipe=configs/tinystories_cpu.py --steps=200 --flags="--lr_schedule=wsd"
+    python benchmarks/bench_quality.py --recipe=configs/tinystories_cpu.py --steps=200 --flags="--eval_interval=100"
 
 Each run is `python train.py RECIPE --optimizer=NAME` in a fresh process, one after the other (never side by side:
 they would share the cores), with --max_minutes (wall-clock budget: steps depend on the machine) or --max_iters (equal
@@ -36,7 +36,10 @@ class BenchQualityConfig:
 
 
 def run_one(cfg, optimizer, out_dir):
-    budget = [f"--max_minutes={cfg.minutes}"] if cfg.minutes else [f"--max_iters={cfg.steps}"] if cfg.steps else []
+    if cfg.minutes:
+        budget = [f"--max_minutes={cfg.minutes}"]
+    else:  # (a recipe's own budget in minutes would otherwise win over the steps)
+        budget = [f"--max_iters={cfg.steps}", "--max_minutes=0"] if cfg.steps else []
     command = [sys.executable, "train.py", cfg.recipe, f"--optimizer={optimizer}", f"--out_dir={out_dir}",
                "--init_from=scratch", *budget, *cfg.flags.split()]
     print("$ " + " ".join(command[1:]), flush=True)
