@@ -249,9 +249,9 @@ def test_eval_only_reports_and_writes_nothing(data_dir, tmp_path, capsys):
     assert files_with_mtimes(out) == before  # every file, byte for byte and untouched, and no new one
 
 
-def test_resume_is_exact(data_dir, tmp_path):
-    """N steps, then resume for N more, ends with the same weights as 2N steps straight (dropout on, to cover RNG)."""
-    common = ["--lr_decay_iters=8", "--eval_interval=4", "--dropout=0.1"]
+def straight_and_resumed(data_dir, tmp_path, *flags):
+    """8 steps straight, and 4 then 4 more resumed, with the same flags: both final checkpoints, checked equal."""
+    common = ["--lr_decay_iters=8", "--eval_interval=4", "--dropout=0.1", *flags]  # dropout: to cover the RNG
     run_train(data_dir, tmp_path / "straight", "--max_iters=8", *common)
     run_train(data_dir, tmp_path / "resumed", "--max_iters=4", *common)
     run_train(data_dir, tmp_path / "resumed", "--max_iters=8", "--init_from=resume", *common)
@@ -260,6 +260,12 @@ def test_resume_is_exact(data_dir, tmp_path):
     assert a["iter_num"] == b["iter_num"] == 8
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+    return a, b
+
+
+def test_resume_is_exact(data_dir, tmp_path):
+    """N steps, then resume for N more, ends with the same weights as 2N steps straight (dropout on, to cover RNG)."""
+    straight_and_resumed(data_dir, tmp_path)
     log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
     straight = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
     assert [r["val_loss"] for r in log] == [r["val_loss"] for r in straight]
