@@ -8,7 +8,7 @@ A model that learns to tell simple stories on a laptop CPU (2 cores) in 10 minut
 Tuned at equal wall time on a 2-core AMD EPYC without bf16 (benchmarks/README.md, "bench_quality.py"):
 - A 4,096-token vocabulary instead of GPT-2's 50,257: with GPT-2 tokens the LM head alone would be 87% of a model
   this size's compute. Even so the head is a third of each step here. At equal time bpe:4096 beat bpe:2048 (0.997
-  bits/byte: 17% faster steps, but 9% more tokens per byte and a weaker model) and bpe:8192 (0.985: slower steps).
+  bits/byte: 17-30% faster steps, but 9% more tokens per byte and a weaker model) and bpe:8192 (0.985: slower steps).
 - Muon for the blocks' matrices (its orthogonalisation costs about 7% of a step here, in float32: bfloat16 is
   emulated on such a CPU). AdamW keeps the tied embedding/head, positions and gains, at a high peak of its own: in a
   sweep of both rates at this recipe's length, AdamW 1.6e-2 with Muon 8e-3 came out best (0.970 bits/byte against
