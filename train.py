@@ -535,8 +535,7 @@ def configure_optimizers(model, config, device_type, muon_ns_dtype=torch.bfloat1
     adamw = torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=fused)
     optimizers = [adamw]
     if use_muon:
-        muon_lr = config.muon_lr or config.learning_rate
-        optimizers.append(Muon(matrices, lr=muon_lr, weight_decay=config.weight_decay, momentum=config.muon_momentum,
+        optimizers.append(Muon(matrices, lr=peak_lr(config, Muon), weight_decay=config.weight_decay, momentum=config.muon_momentum,
                                adjust_lr_fn="match_rms_adamw", ns_dtype=muon_ns_dtype))
     return optimizers
 
@@ -634,12 +633,16 @@ def get_lr(step, config, progress=None):
     return config.learning_rate * lr_scale(step, progress, config)
 
 
+def peak_lr(config, optimizer_class):
+    """An optimizer's peak learning rate: --muon_lr for Muon (0 = --learning_rate), --learning_rate for AdamW."""
+    return (config.muon_lr or config.learning_rate) if optimizer_class is Muon else config.learning_rate
+
+
 def set_lr(optimizers, config, scale):
     """Each optimizer's peak, from the config (not the checkpoint: a resumed run may change it), times scale."""
     for optimizer in optimizers:
-        peak = (config.muon_lr or config.learning_rate) if isinstance(optimizer, Muon) else config.learning_rate
         for group in optimizer.param_groups:
-            group["lr"] = peak * scale
+            group["lr"] = peak_lr(config, type(optimizer)) * scale
 
 
 # -----------------------------------------------------------------------------

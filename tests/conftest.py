@@ -1,9 +1,8 @@
 """Shared test set-up: offline, the genuine GPT-2 BPE files from ../shared when present, the repo on sys.path."""
 
+import json
 import os
 import sys
-
-import json
 
 import numpy as np
 import pytest
