@@ -518,8 +518,9 @@ def configure_optimizers(model, config, device_type, muon_ns_dtype=torch.bfloat1
     """
     The optimizers, each with its parameter groups, every parameter in exactly one of them.
       adamw: AdamW for everything; weight decay only on matrices and embeddings (>= 2-D), never on gains and biases.
-      muon:  Muon for the 2-D matrices inside the blocks (attention and MLP weights), which it orthogonalises; AdamW
-             as above for the rest: the embedding (which is also the LM head), the positions, gains and biases.
+      muon:  Muon for the 2-D matrices inside the blocks (attention and MLP weights), which it orthogonalises (query,
+             key and value each on its own); AdamW as above for the rest: the embedding (which is also the LM head),
+             the positions, gains and biases.
     The schedule sets their learning rates at every step (set_lr).
     """
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -535,22 +536,29 @@ def configure_optimizers(model, config, device_type, muon_ns_dtype=torch.bfloat1
     adamw = torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=fused)
     optimizers = [adamw]
     if use_muon:
+        stacked_qkv = [p for name, p in named if name.endswith("attn.c_attn.weight")]
         optimizers.append(Muon(matrices, lr=peak_lr(config, Muon), weight_decay=config.weight_decay, momentum=config.muon_momentum,
-                               adjust_lr_fn="match_rms_adamw", ns_dtype=muon_ns_dtype))
+                               adjust_lr_fn="match_rms_adamw", ns_dtype=muon_ns_dtype, stacked_qkv=stacked_qkv))
     return optimizers
 
 
 class Muon(torch.optim.Muon):
     """
-    torch.optim.Muon with its Newton-Schulz iterations in ns_dtype. torch runs them in bfloat16, which suits GPUs and
-    CPUs with bf16 arithmetic, but a CPU without it emulates bfloat16 matmuls at about 1 GFLOP/s against 50-110 in
-    float32: for a 4 x 192 model's matrices, 10 s per step in bfloat16 against 0.07 s in float32 on a 2-core AMD EPYC
-    without avx512_bf16. The update is otherwise torch's, line for line, and so is the state (momentum_buffer).
+    torch.optim.Muon with two changes; the update is otherwise torch's, line for line, and so is the state
+    (momentum_buffer), so checkpoints are the same either way.
+    - Newton-Schulz iterations in ns_dtype. torch runs them in bfloat16, which suits GPUs and CPUs with bf16
+      arithmetic, but a CPU without it emulates bfloat16 matmuls at about 1 GFLOP/s against 50-110 in float32: for a
+      4 x 192 model's matrices, 10 s per step in bfloat16 against 0.07 s in float32 on a 2-core AMD EPYC without
+      avx512_bf16.
+    - stacked_qkv: weights that stack the query, key and value matrices (c_attn) are orthogonalised as three matrices,
+      not as one, as modded-nanogpt does: they are three maps, and one orthogonalisation would balance each against
+      the others. Same cost; at the CPU recipe's 913 steps, 0.964 bits/byte against 0.969 (benchmarks/README.md).
     """
 
-    def __init__(self, params, ns_dtype=torch.bfloat16, **kwargs):
+    def __init__(self, params, ns_dtype=torch.bfloat16, stacked_qkv=(), **kwargs):
         super().__init__(params, **kwargs)
         self.ns_dtype = ns_dtype
+        self.stacked_qkv = {id(p) for p in stacked_qkv}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -569,10 +577,12 @@ class Muon(torch.optim.Muon):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - momentum)
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                update = orthogonalize(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
-                                       self.ns_dtype)
+                matrices = 3 if id(p) in self.stacked_qkv else 1
+                update = torch.cat([orthogonalize(u, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                                  self.ns_dtype) for u in update.chunk(matrices)])
                 p.mul_(1 - lr * weight_decay)
-                p.add_(update, alpha=-lr * (0.2 * math.sqrt(max(p.shape))))  # match_rms_adamw: AdamW's update size
+                rms_scale = 0.2 * math.sqrt(max(p.size(0) // matrices, p.size(1)))  # match_rms_adamw: AdamW's size
+                p.add_(update, alpha=-lr * rms_scale)
         return loss
 
 
