@@ -102,10 +102,11 @@ class TrainConfig:
 #   in 655M / 1.14M = 10 min, leaving room for compilation and evaluation inside 15 minutes. The val loss it reaches
 #   on the full dataset has not been measured yet.
 # - Muon (the default optimizer) orthogonalises each block matrix every step: 5 Newton-Schulz iterations of three
-#   matmuls, 2 * (2 * 512^2 * n + 512^3) FLOPs each for a 512 x n matrix, ~38 GFLOP per layer, 0.3 TFLOP per step
-#   against 131K x 331M = 43 TFLOP of training: +0.7%, in bf16 on the GPU. Per step it learned far more than AdamW on
-#   the CPU recipe (1.332 against 1.403 bits/byte after 200 steps, learning rate as AdamW's), so it replaces AdamW at
-#   the same steps; --optimizer=adamw gives the 2022 recipe back. With --max_minutes=10 the steps follow the clock.
+#   matmuls, 2 * (2 * 512^2 * n + 512^3) FLOPs each for a 512 x n matrix (q, k and v as three), ~40 GFLOP per layer,
+#   0.3 TFLOP per step against 131K x 331M = 43 TFLOP of training: +0.7%, in bf16 on the GPU. Per step it learned far
+#   more than AdamW on the CPU recipe (1.332 against 1.403 bits/byte after 200 steps, learning rate as AdamW's), so it
+#   replaces AdamW at the same steps; --optimizer=adamw gives the 2022 recipe back. With --max_minutes=10 the steps
+#   follow the clock.
 
 
 def eval_iters_as_tokens(eval_iters, config):
@@ -537,8 +538,9 @@ def configure_optimizers(model, config, device_type, muon_ns_dtype=torch.bfloat1
     optimizers = [adamw]
     if use_muon:
         stacked_qkv = [p for name, p in named if name.endswith("attn.c_attn.weight")]
-        optimizers.append(Muon(matrices, lr=peak_lr(config, Muon), weight_decay=config.weight_decay, momentum=config.muon_momentum,
-                               adjust_lr_fn="match_rms_adamw", ns_dtype=muon_ns_dtype, stacked_qkv=stacked_qkv))
+        optimizers.append(Muon(matrices, lr=peak_lr(config, Muon), weight_decay=config.weight_decay,
+                               momentum=config.muon_momentum, adjust_lr_fn="match_rms_adamw", ns_dtype=muon_ns_dtype,
+                               stacked_qkv=stacked_qkv))
     return optimizers
 
 
@@ -552,7 +554,8 @@ class Muon(torch.optim.Muon):
       avx512_bf16.
     - stacked_qkv: weights that stack the query, key and value matrices (c_attn) are orthogonalised as three matrices,
       not as one, as modded-nanogpt does: they are three maps, and one orthogonalisation would balance each against
-      the others. Same cost; at the CPU recipe's 913 steps, 0.964 bits/byte against 0.969 (benchmarks/README.md).
+      the others. Newton-Schulz then costs 18 C^3 FLOPs per iteration for c_attn instead of 14 C^3, about 0.5% of a CPU
+      recipe step; at its 913 steps, 0.964 bits/byte against 0.969 (benchmarks/README.md).
     """
 
     def __init__(self, params, ns_dtype=torch.bfloat16, stacked_qkv=(), **kwargs):

@@ -19,7 +19,7 @@ Tuned at equal wall time on a 2-core AMD EPYC without bf16 (benchmarks/README.md
   warmup-stable-decay schedule fitted to it, so the run ends on time on a faster or slower machine alike; a faster
   one trains more steps. On a CPU with fast bf16 (AMX) --dtype=auto trains in bf16 and gets about twice the steps.
 - No dropout, and train.py's weight decay of 0.1: even at equal steps dropout 0.1 (on the residual stream only) was
-  far worse, 1.019 against 0.964, and its attention dropout makes a CPU step 1.7x slower; weight decay 0.1 beat 0
+  far worse, 1.019 against 0.969, and its attention dropout makes a CPU step 1.7x slower; weight decay 0.1 beat 0
   and 0.4 (0.969 against 0.974 and 0.977). A model this small learns more than it memorises in 10 minutes.
 - 4,096 tokens per step: twice the steps of 8,192 in the same time, and a lower loss for the same tokens; 2,048 was
   level with 4,096 (0.979 against 0.981) and spends more of each step on Muon. Windows of 128 tokens instead of 256

@@ -58,7 +58,7 @@ def test_adamw_alone_takes_every_parameter():
 
 
 def test_our_muon_in_bfloat16_is_torch_muon_bit_for_bit():
-    """Only the Newton-Schulz dtype differs from torch.optim.Muon: with torch's bfloat16 the steps are identical."""
+    """Without stacked_qkv only the Newton-Schulz dtype differs from torch.optim.Muon: in bfloat16 the steps match."""
     torch.manual_seed(0)
     weights = [torch.randn(24, 8), torch.randn(8, 8), torch.randn(8, 32)]
     ours, theirs = [w.clone().requires_grad_() for w in weights], [w.clone().requires_grad_() for w in weights]
