@@ -289,6 +289,9 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
     With a 50K vocabulary the full logits of one batch and their gradient take hundreds of MB; allocating and freeing
     them every step costs more than the arithmetic on a CPU. Here only one block of logits ever exists. Used in eager
     fp32 mode; torch.compile fuses the plain cross-entropy itself.
+    Passes over the logits cost about as much as the head's matmuls on a CPU, so there is one softmax (one exp) per
+    block: the loss is -log of the target's probability, and the 1/n of the mean rides in the matmuls. (A token the
+    model gives less than float32's smallest normal, 1e-38, counts as 87.3 nats; its gradient is exact all the same.)
     """
 
     @staticmethod
@@ -296,16 +299,15 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
         n = x.size(0)
         grad_x, grad_weight = torch.empty_like(x), torch.zeros_like(weight)
         loss = torch.zeros((), device=x.device, dtype=torch.float32)
+        tiny = torch.finfo(torch.float32).tiny
         for i in range(0, n, rows_per_chunk):
             xc, tc = x[i:i + rows_per_chunk], targets[i:i + rows_per_chunk]
-            logits = xc @ weight.T
-            lse = torch.logsumexp(logits, dim=1)
-            loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            probs = torch.softmax(xc @ weight.T, dim=1)
+            loss -= probs.gather(1, tc[:, None]).clamp_(min=tiny).log_().sum()
             probs[torch.arange(len(tc), device=x.device), tc] -= 1.0  # d(loss)/d(logits) = softmax - one_hot
-            probs.mul_(1.0 / n)
-            torch.matmul(probs, weight, out=grad_x[i:i + rows_per_chunk])
-            grad_weight.addmm_(probs.T, xc)
+            torch.addmm(grad_x[i:i + rows_per_chunk], probs, weight, beta=0, alpha=1.0 / n,
+                        out=grad_x[i:i + rows_per_chunk])
+            grad_weight.addmm_(probs.T, xc, alpha=1.0 / n)
         ctx.save_for_backward(grad_x, grad_weight)
         return loss / n
 
@@ -364,7 +366,9 @@ class GPT(nn.Module):
         if targets is None:  # generating: only the last position's logits are needed
             return self.lm_head(x[:, -1:, :]), None
         if self.chunked_loss and torch.is_grad_enabled():
-            loss = ChunkedLMHeadLoss.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), 256)
+            # blocks of 2M logits (8 MB), at least 256 rows: 512 rows of a 4,096 vocabulary were ~3% faster (one timing)
+            rows_per_chunk = max(256, 2 ** 21 // self.lm_head.weight.size(0))
+            loss = ChunkedLMHeadLoss.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1), rows_per_chunk)
             return None, loss
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))

@@ -6,6 +6,7 @@ prepare's --dtype=auto, DDP logging and the device default for --compile.
 
 import ast
 import json
+import math
 import os
 import subprocess
 import sys
@@ -50,6 +51,27 @@ def test_chunked_lm_head_loss_over_several_chunks_is_cross_entropy(rows):
     assert loss_c.item() == pytest.approx(loss_f.item(), rel=1e-6)  # (the chunked sum is kept in float32)
     assert torch.allclose(gx_c, gx_f, rtol=0, atol=1e-12)
     assert torch.allclose(gw_c, gw_f, rtol=0, atol=1e-12)
+
+
+def test_chunked_lm_head_loss_of_an_underflowing_target_is_capped_and_its_gradient_exact():
+    """A target whose float32 probability underflows to 0 counts as -log(float32 tiny) = 87.3 nats, not inf."""
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    weight = torch.tensor([[200.0, 0.0], [0.0, 0.0]])  # row 0: the target's logit is 200 below the other
+    targets = torch.tensor([1, 0])
+    results = []
+    for chunked in (True, False):
+        x_, w_ = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        if chunked:
+            loss = ChunkedLMHeadLoss.apply(x_, w_, targets, 256)
+        else:
+            loss = F.cross_entropy(x_ @ w_.T, targets)
+        loss.backward()
+        results.append((loss.item(), x_.grad, w_.grad))
+    (loss_c, gx_c, gw_c), (loss_f, gx_f, gw_f) = results
+    capped = -math.log(torch.finfo(torch.float32).tiny)
+    assert loss_f == pytest.approx((200.0 + math.log(2.0)) / 2)  # row 1: both logits 0
+    assert loss_c == pytest.approx((capped + math.log(2.0)) / 2)
+    assert torch.allclose(gx_c, gx_f) and torch.allclose(gw_c, gw_f)
 
 
 # --- --eval_only with a bpe:N tokenizer ----------------------------------------------------
