@@ -5,8 +5,8 @@ A model that learns to tell simple stories on a laptop CPU (2 cores) in 10 minut
     python train.py configs/tinystories_cpu.py
     python sample.py --out_dir=out-cpu --prompt "Once upon a time"
 
-Tuned at equal wall time on a 2-core AMD EPYC without bf16 (benchmarks/README.md, "bench_quality.py"); the figures
-are val bits/byte, with 4 layers unless they say otherwise (the depth was tuned last):
+Tuned at equal wall time on a 2-core AMD EPYC without bf16 (benchmarks/README.md, "bench_quality.py"). Figures are
+val bits/byte and step times of the 4-layer model unless they say otherwise (the depth was tuned last):
 - A 4,096-token vocabulary instead of GPT-2's 50,257: with GPT-2 tokens the LM head alone would be 87% of a model
   this size's compute. Even so the head is over a third of each step here. At equal time bpe:4096 beat bpe:2048 (0.997
   bits/byte: 17-30% faster steps, but 9% more tokens per byte and a weaker model) and bpe:8192 (0.985: slower steps).

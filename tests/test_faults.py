@@ -452,6 +452,8 @@ def wait_until_torch_is_loading(proc):
         return
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the script ended before loading torch: {proc.stderr.read()}")
         with open(maps) as f:
             if "/torch/" in f.read():  # torch/lib/libtorch*.so
                 return

@@ -72,7 +72,7 @@ def test_chunked_loss_matches_plain_cross_entropy(bias):
     grads = []
     for chunked in (False, True):
         model = tiny_model(bias=bias)
-        model.chunked_loss = chunked
+        model.chunked_loss, model.chunked_loss_rows = chunked, 256
         logits, loss = model(idx, targets)
         assert (logits is None) == chunked  # the chunked path never makes the full logits
         loss.backward()
