@@ -305,8 +305,7 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
             probs = torch.softmax(xc @ weight.T, dim=1)
             loss -= probs.gather(1, tc[:, None]).clamp_(min=tiny).log_().sum()
             probs[torch.arange(len(tc), device=x.device), tc] -= 1.0  # d(loss)/d(logits) = softmax - one_hot
-            torch.addmm(grad_x[i:i + rows_per_chunk], probs, weight, beta=0, alpha=1.0 / n,
-                        out=grad_x[i:i + rows_per_chunk])
+            grad_x[i:i + rows_per_chunk].addmm_(probs, weight, beta=0, alpha=1.0 / n)  # beta=0: never reads empty_like
             grad_weight.addmm_(probs.T, xc, alpha=1.0 / n)
         ctx.save_for_backward(grad_x, grad_weight)
         return loss / n

@@ -30,14 +30,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, 
 # --- the chunked LM-head loss -------------------------------------------------
 
 
-@pytest.mark.parametrize("rows", [3 * 256 + 37, 4 * 256])  # a ragged last chunk, and whole chunks only
-def test_chunked_lm_head_loss_over_several_chunks_is_cross_entropy(rows):
-    """Loss, grad_x and grad_weight summed over chunks and scaled by 1/rows, in float64 against F.cross_entropy."""
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, 24, dtype=torch.float64, generator=generator)
-    weight = torch.randn(100, 24, dtype=torch.float64, generator=generator)
-    targets = torch.randint(0, 100, (rows,), generator=generator)
-    upstream = 0.25  # the gradient from above (1/grad_accum in train.py) scales both; exact in the float32 loss
+def chunked_and_plain_loss(x, weight, targets, upstream=1.0):
+    """(loss, grad_x, grad_weight) of ChunkedLMHeadLoss in 256-row blocks, then of F.cross_entropy."""
     results = []
     for chunked in (True, False):
         x_, w_ = x.clone().requires_grad_(), weight.clone().requires_grad_()
@@ -46,9 +40,20 @@ def test_chunked_lm_head_loss_over_several_chunks_is_cross_entropy(rows):
         else:
             loss = F.cross_entropy(x_ @ w_.T, targets)
         (loss * upstream).backward()
-        results.append((loss.detach().double(), x_.grad, w_.grad))
-    (loss_c, gx_c, gw_c), (loss_f, gx_f, gw_f) = results
-    assert loss_c.item() == pytest.approx(loss_f.item(), rel=1e-6)  # (the chunked sum is kept in float32)
+        results.append((loss.item(), x_.grad, w_.grad))
+    return results
+
+
+@pytest.mark.parametrize("rows", [3 * 256 + 37, 4 * 256])  # a ragged last chunk, and whole chunks only
+def test_chunked_lm_head_loss_over_several_chunks_is_cross_entropy(rows):
+    """Loss, grad_x and grad_weight summed over chunks and scaled by 1/rows, in float64 against F.cross_entropy."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, 24, dtype=torch.float64, generator=generator)
+    weight = torch.randn(100, 24, dtype=torch.float64, generator=generator)
+    targets = torch.randint(0, 100, (rows,), generator=generator)
+    upstream = 0.25  # the gradient from above (1/grad_accum in train.py) scales both; exact in the float32 loss
+    (loss_c, gx_c, gw_c), (loss_f, gx_f, gw_f) = chunked_and_plain_loss(x, weight, targets, upstream)
+    assert loss_c == pytest.approx(loss_f, rel=1e-6)  # (the chunked sum is kept in float32)
     assert torch.allclose(gx_c, gx_f, rtol=0, atol=1e-12)
     assert torch.allclose(gw_c, gw_f, rtol=0, atol=1e-12)
 
@@ -58,16 +63,7 @@ def test_chunked_lm_head_loss_of_an_underflowing_target_is_capped_and_its_gradie
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     weight = torch.tensor([[200.0, 0.0], [0.0, 0.0]])  # row 0: the target's logit is 200 below the other
     targets = torch.tensor([1, 0])
-    results = []
-    for chunked in (True, False):
-        x_, w_ = x.clone().requires_grad_(), weight.clone().requires_grad_()
-        if chunked:
-            loss = ChunkedLMHeadLoss.apply(x_, w_, targets, 256)
-        else:
-            loss = F.cross_entropy(x_ @ w_.T, targets)
-        loss.backward()
-        results.append((loss.item(), x_.grad, w_.grad))
-    (loss_c, gx_c, gw_c), (loss_f, gx_f, gw_f) = results
+    (loss_c, gx_c, gw_c), (loss_f, gx_f, gw_f) = chunked_and_plain_loss(x, weight, targets)
     capped = -math.log(torch.finfo(torch.float32).tiny)
     assert loss_f == pytest.approx((200.0 + math.log(2.0)) / 2)  # row 1: both logits 0
     assert loss_c == pytest.approx((capped + math.log(2.0)) / 2)
