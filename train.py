@@ -292,28 +292,33 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
     Passes over the logits cost about as much as the head's matmuls on a CPU, so there is one softmax (one exp) per
     block: the loss is -log of the target's probability, and the 1/n of the mean rides in the matmuls. (A token the
     model gives less than the dtype's smallest normal, 1e-38 in float32, counts as 87.3 nats; its gradient is exact.)
+    Under torch.no_grad (evaluation) it only sums the loss (with_grads=False): 1.3x faster than the full logits
+    and F.cross_entropy for the CPU recipe's model, and for one with GPT-2's vocabulary.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, rows_per_chunk):
+    def forward(ctx, x, weight, targets, rows_per_chunk, with_grads=True):
         n = x.size(0)
-        grad_x, grad_weight = torch.empty_like(x), torch.zeros_like(weight)
+        grad_x, grad_weight = (torch.empty_like(x), torch.zeros_like(weight)) if with_grads else (None, None)
         loss = torch.zeros((), device=x.device, dtype=torch.float32)
         tiny = torch.finfo(x.dtype).tiny
         for i in range(0, n, rows_per_chunk):
             xc, tc = x[i:i + rows_per_chunk], targets[i:i + rows_per_chunk]
             probs = torch.softmax(xc @ weight.T, dim=1)
             loss -= probs.gather(1, tc[:, None]).clamp_(min=tiny).log_().sum()
+            if not with_grads:
+                continue
             probs[torch.arange(len(tc), device=x.device), tc] -= 1.0  # d(loss)/d(logits) = softmax - one_hot
             grad_x[i:i + rows_per_chunk].addmm_(probs, weight, beta=0, alpha=1.0 / n)  # beta=0: never reads empty_like
             grad_weight.addmm_(probs.T, xc, alpha=1.0 / n)
-        ctx.save_for_backward(grad_x, grad_weight)
+        if with_grads:
+            ctx.save_for_backward(grad_x, grad_weight)
         return loss / n
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_weight = ctx.saved_tensors
-        return grad_x * grad_loss, grad_weight * grad_loss, None, None
+        return grad_x * grad_loss, grad_weight * grad_loss, None, None, None
 
 
 class GPT(nn.Module):
@@ -332,8 +337,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, padded_vocab, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied: https://paperswithcode.com/method/weight-tying
         self.chunked_loss = False  # train.py turns this on in eager fp32 mode
-        # blocks of 2M logits (8 MB), at least 256 rows: 512 rows of a 4,096 vocabulary were ~3% faster (one timing)
-        self.chunked_loss_rows = max(256, 2 ** 21 // padded_vocab)
+        # blocks of 2M logits (8 MB) and at least 128 rows, so a block stays in cache and its matmuls stay efficient:
+        # 512 rows at a 4,096 vocabulary, 128 at GPT-2's (a training step 12% faster than with 256 rows; 64 were slower)
+        self.chunked_loss_rows = max(128, 2 ** 21 // padded_vocab)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2: residual projections scaled down by depth
@@ -366,9 +372,9 @@ class GPT(nn.Module):
             kv_cache.pos += T
         if targets is None:  # generating: only the last position's logits are needed
             return self.lm_head(x[:, -1:, :]), None
-        if self.chunked_loss and torch.is_grad_enabled():
+        if self.chunked_loss:
             loss = ChunkedLMHeadLoss.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
-                                           self.chunked_loss_rows)
+                                           self.chunked_loss_rows, torch.is_grad_enabled())
             return None, loss
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))

@@ -147,6 +147,17 @@ def test_evaluation_uses_the_same_windows_whatever_the_batch_size(data_dir):
         assert other["train"] == pytest.approx(losses[0]["train"], rel=1e-6)
 
 
+def test_chunked_loss_under_no_grad_is_the_same_loss_without_gradients():
+    model = tiny_model()
+    idx, targets = torch.randint(0, 50, (50, 16)), torch.randint(0, 50, (50, 16))
+    _, plain = model(idx, targets)
+    model.chunked_loss, model.chunked_loss_rows = True, 256
+    with torch.no_grad():
+        logits, loss = model(idx, targets)
+    assert logits is None  # the chunked path, not the full logits
+    assert not loss.requires_grad and loss.item() == pytest.approx(plain.item(), rel=1e-6)
+
+
 def test_get_batch_reads_uint32_streams(tmp_path):
     ids = np.arange(100, 200, dtype=np.uint32) + 70_000
     ids.tofile(tmp_path / "val.bin")
