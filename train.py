@@ -50,7 +50,7 @@ class TrainConfig:
     overwrite: bool = False  # start over in an out_dir that holds a checkpoint: its ckpt.pt and log.jsonl are replaced
     eval_interval: int = 500  # evaluate, log and checkpoint every this many iterations
     log_interval: int = 10  # print a progress line every this many iterations
-    eval_tokens: int = 1048576  # tokens per split in each evaluation: the same windows whatever --batch_size
+    eval_tokens: int = 1048576  # tokens per split in each evaluation: evenly spaced windows, the same in every run
     eval_only: bool = False  # evaluate once and exit
     always_save_checkpoint: bool = True  # save at every eval; False keeps only the best val loss
     plot: bool = True  # redraw out_dir/loss.png at every eval
@@ -672,26 +672,32 @@ def set_lr(optimizers, config, scale):
 # evaluation
 
 
+def eval_starts(split_tokens, block_size, eval_tokens):
+    """
+    Where the evaluation's windows start: evenly spaced over the split, so they are the same at every evaluation and
+    in every run, whatever the seed or batch size, and figures compare across runs and resumes. Evenly spaced windows
+    are a stratified sample: 256 of them (the CPU recipe's 65,536 tokens) put its val figure within +-0.004 bits/byte
+    (one sd) of the whole split's, where 256 random windows scatter +-0.010 (benchmarks/README.md). When eval_tokens
+    covers the split, the windows tile it: every token but a tail shorter than a window is evaluated once.
+    """
+    n_windows = max(1, min(eval_tokens // block_size, (split_tokens - 1) // block_size))
+    return np.arange(n_windows) * ((split_tokens - 1) // n_windows)
+
+
 @torch.no_grad()
-def estimate_loss(model, batch_fn, meta, eval_tokens, block_size, batch_size, autocast, seed):
-    """
-    Mean loss of each split over eval_tokens // block_size windows. They are drawn from a generator seeded the same
-    way at every evaluation, all at once, so they are the same windows whatever batch_size (which only sets how many
-    go through the model together): figures are comparable between evaluations, runs, resumes and batch sizes.
-    """
+def estimate_loss(model, batch_fn, meta, eval_tokens, block_size, batch_size, autocast):
+    """Mean loss of each split over its evaluation windows (eval_starts), batch_size windows at a time."""
     model.eval()
     losses = {}
-    n_windows = max(1, eval_tokens // block_size)
     for split in ("train", "val"):
-        generator = torch.Generator().manual_seed(seed)
-        starts = torch.randint(max(1, meta[split]["tokens"] - block_size), (n_windows,), generator=generator).numpy()
+        starts = eval_starts(meta[split]["tokens"], block_size, eval_tokens)
         total = 0.0
-        for i in range(0, n_windows, batch_size):
+        for i in range(0, len(starts), batch_size):
             x, y = batch_fn(split, starts=starts[i:i + batch_size])
             with autocast:
                 _, loss = model(x, y)
             total = total + loss.float() * len(x)  # on the device: one sync per split, not per batch
-        losses[split] = float(total) / n_windows
+        losses[split] = float(total) / len(starts)
     model.train()
     return losses
 
@@ -1166,8 +1172,7 @@ def main(argv=None):
         lr = config.learning_rate * scale
 
         if master and (iter_num % config.eval_interval == 0 or done or config.eval_only):
-            losses = estimate_loss(model, batch, meta, config.eval_tokens, block_size, config.batch_size, autocast,
-                                   config.seed)
+            losses = estimate_loss(model, batch, meta, config.eval_tokens, block_size, config.batch_size, autocast)
             val_bpb = bits_per_byte(losses["val"], meta)
             say(f"eval iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
                 f"val ppl {math.exp(min(losses['val'], 50)):.2f}, val bits/byte {val_bpb:.4f}")

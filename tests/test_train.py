@@ -140,11 +140,20 @@ def test_evaluation_uses_the_same_windows_whatever_the_batch_size(data_dir):
     for batch_size in (3, 16, 64):
         seen.append([])
         losses.append(train.estimate_loss(model, batch_fn(batch_size), meta, 40 * 32, 32, batch_size,
-                                          contextlib.nullcontext(), seed=7))
+                                          contextlib.nullcontext()))
     assert seen[0] == seen[1] == seen[2] and len(seen[0]) == 2 * 40
     for other in losses[1:]:
         assert other["val"] == pytest.approx(losses[0]["val"], rel=1e-6)
         assert other["train"] == pytest.approx(losses[0]["train"], rel=1e-6)
+
+
+def test_evaluation_windows_are_evenly_spaced_and_tile_a_split_they_cover():
+    few = train.eval_starts(10_000, 32, 10 * 32)
+    assert len(few) == 10 and few[0] == 0 and np.all(np.diff(few) == np.diff(few)[0]) and few[-1] > 10_000 * 0.85
+    tiles = train.eval_starts(1_001, 32, 10**6)  # more tokens asked than the split has: each token once
+    assert len(tiles) == 1_000 // 32 and np.all(np.diff(tiles) >= 32)
+    assert tiles[-1] + 32 + 1 <= 1_001 and 1_001 - (tiles[-1] + 32 + 1) < 32  # in range; the tail left is < a window
+    assert list(train.eval_starts(33, 32, 64)) == [0]  # the shortest split a window fits
 
 
 def test_chunked_loss_under_no_grad_is_the_same_loss_without_gradients():
