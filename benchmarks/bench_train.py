@@ -88,7 +88,8 @@ def run_slm(data_dir, config_name, iters, warmup, out_dir):
     flags = [f"--{k}={v}" for k, v in c.items()] + [
         f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--device=cpu", "--compile=False", "--dtype=float32",
         "--gradient_accumulation_steps=1", f"--max_iters={warmup + iters}", "--log_interval=1",
-        f"--eval_interval={10 * (warmup + iters)}", "--eval_tokens=1", "--plot=False", "--warmup_iters=0"]
+        f"--eval_interval={10 * (warmup + iters)}", "--eval_tokens=1", "--plot=False", "--warmup_iters=0",
+        "--overwrite=True"]  # each run starts over in the same out_dir
     out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags], capture_output=True, text=True,
                          check=True, cwd=ROOT)
     lines = re.findall(r"^iter (\d+)/\d+ \| .*?\| ([\d.]+) ms/iter \| .*?\| mfu ([\d.]+)%", out.stdout, re.M)
