@@ -66,7 +66,8 @@ def reference_worker(data_dir, config_name, iters, warmup):
     times = []
     for it in range(warmup + iters):
         t0 = time.perf_counter()
-        x, y = train.get_batch(data_dir, meta, "train", c["batch_size"], c["block_size"], generator, device)
+        starts = torch.randint(meta["train"]["tokens"] - c["block_size"], (c["batch_size"],), generator=generator)
+        x, y = train.get_batch(data_dir, meta, "train", starts.numpy(), c["block_size"], device)
         _, loss = model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -117,12 +117,27 @@ def test_generate_never_samples_padding_ids():
 def test_get_batch_windows_come_from_the_stream(data_dir):
     meta = train.load_meta(data_dir)
     stream = np.fromfile(os.path.join(data_dir, "train.bin"), dtype=np.uint16).astype(np.int64)
-    x, y = get_batch(data_dir, meta, "train", 16, 32, torch.Generator().manual_seed(1), torch.device("cpu"))
+    starts = train.train_window_starts(1, 0, 16, len(stream), 32)
+    x, y = get_batch(data_dir, meta, "train", starts, 32, torch.device("cpu"))
     assert x.shape == y.shape == (16, 32) and x.dtype == torch.long
     assert torch.equal(x[:, 1:], y[:, :-1])
-    windows = {tuple(stream[i:i + 33]) for i in range(len(stream) - 32)}
-    for row_x, row_y in zip(x.tolist(), y.tolist()):
-        assert tuple(row_x + row_y[-1:]) in windows
+    for start, row_x, row_y in zip(starts, x.tolist(), y.tolist()):
+        assert row_x + row_y[-1:] == stream[start:start + 33].tolist()
+
+
+def test_training_windows_visit_every_window_once_per_epoch():
+    tokens, block_size = 1_000, 32
+    windows = (tokens - 1) // block_size - 1  # 30 per epoch
+    starts = train.train_window_starts(7, 0, 3 * windows, tokens, block_size)
+    assert starts.min() >= 0 and starts.max() + block_size + 1 <= tokens
+    for epoch in np.split(starts, 3):
+        offset = epoch.min() % block_size
+        assert sorted(epoch) == [offset + i * block_size for i in range(windows)]  # each window once, shuffled
+    assert len({tuple(epoch) for epoch in np.split(starts, 3)}) == 3  # a new order (and offset) each epoch
+    # any slice of the stream is the same whether asked for at once or batch by batch (resume, other world sizes)
+    assert np.array_equal(starts[45:61], train.train_window_starts(7, 45, 16, tokens, block_size))
+    assert not np.array_equal(starts, train.train_window_starts(8, 0, 3 * windows, tokens, block_size))
+    assert list(train.train_window_starts(0, 0, 3, 33, 32)) == [0, 0, 0]  # the shortest split a window fits
 
 
 def test_evaluation_uses_the_same_windows_whatever_the_batch_size(data_dir):
@@ -133,7 +148,7 @@ def test_evaluation_uses_the_same_windows_whatever_the_batch_size(data_dir):
     def batch_fn(batch_size):
         def batch(split, starts):
             seen[-1].extend(starts.tolist())
-            return get_batch(data_dir, meta, split, batch_size, 32, None, torch.device("cpu"), starts)
+            return get_batch(data_dir, meta, split, starts, 32, torch.device("cpu"))
         return batch
 
     losses = []
@@ -171,7 +186,7 @@ def test_get_batch_reads_uint32_streams(tmp_path):
     ids = np.arange(100, 200, dtype=np.uint32) + 70_000
     ids.tofile(tmp_path / "val.bin")
     meta = {"dtype": "uint32", "val": {"file": "val.bin"}}
-    x, y = get_batch(str(tmp_path), meta, "val", 4, 8, torch.Generator().manual_seed(0), torch.device("cpu"))
+    x, y = get_batch(str(tmp_path), meta, "val", np.array([0, 50, 91]), 8, torch.device("cpu"))
     assert x.min().item() >= 70_100 and torch.equal(x[:, 1:], y[:, :-1])
 
 
