@@ -508,9 +508,10 @@ def train_window_starts(seed, first, count, split_tokens, block_size):
     Where training windows first .. first + count - 1 start, counted from the start of training. Each epoch visits
     every block_size-aligned window of the split once, in a shuffled order and shifted by a random offset, so every
     token is trained on equally often and in a different position each epoch. Random windows drawn with replacement
-    would leave e^-k of the tokens unseen after k epochs and show others twice as often: on the CPU recipe's 4
-    epochs, 0.926 bits/byte against 0.908 for epochs (benchmarks/README.md). A function of (seed, window index) only,
-    so a resumed run, and a run on any number of processes, sees the same windows.
+    leave e^-k of the tokens unseen after k epochs and show others twice as often as the mean: over the CPU recipe's
+    4 epochs, 0.926 and 0.932 bits/byte (two seeds) against 0.908 and 0.905 in epochs (benchmarks/README.md).
+    A function of (seed, window index) only, so a resumed run, and a run on any number of processes, sees the same
+    windows.
     """
     windows = max(1, (split_tokens - 1) // block_size - 1)  # per epoch, leaving room for the offset
     starts = np.empty(count, dtype=np.int64)

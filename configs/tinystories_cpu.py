@@ -8,7 +8,8 @@ A model that learns to tell simple stories on a laptop CPU (2 cores) in 10 minut
 Tuned at equal wall time on a 2-core AMD EPYC without bf16 (benchmarks/README.md, "bench_quality.py"). Figures are
 val bits/byte and step times of the 4-layer model unless they say otherwise (the depth was tuned last), all on the
 same random windows of the val split, which read about 0.015 above the whole split; train.py now evaluates evenly
-spaced windows instead (0.929 for this recipe, median of three timed runs; 0.926 over the whole split):
+spaced windows instead. The settings below were tuned while training windows were drawn at random with
+replacement (0.929, median of three timed runs); with training windows in epochs, 0.898 (0.893 over the whole split):
 - A 4,096-token vocabulary instead of GPT-2's 50,257: with GPT-2 tokens the LM head alone would be 87% of a model
   this size's compute. Even so the head is over a third of each step here. At equal time bpe:4096 beat bpe:2048 (0.997
   bits/byte: 17-30% faster steps, but 9% more tokens per byte and a weaker model) and bpe:8192 (0.985: slower steps).
@@ -37,7 +38,7 @@ spaced windows instead (0.929 for this recipe, median of three timed runs; 0.926
 - No torch.compile: its steps were about 7% faster here (one timing), ~35 s over 9 minutes, while compiling takes
   about 45 s on a 2-core CPU (measured on nanoGPT's model), all of it inside the 10 minutes.
 - Evaluations of 65,536 tokens per split at step 0, 1,000 and the end: with start-up and the checkpoint they took
-  23-25 s, so the whole run took 582-583 s (three runs). 256 evenly spaced windows land within about 0.004 of the
+  17-25 s, so the whole run took 575-583 s (six runs). 256 evenly spaced windows land within about 0.004 of the
   whole split's figure (one sd); more would cost training time.
 """
 out_dir = "out-cpu"
