@@ -140,6 +140,32 @@ def test_training_windows_visit_every_window_once_per_epoch():
     assert list(train.train_window_starts(0, 0, 3, 33, 32)) == [0, 0, 0]  # the shortest split a window fits
 
 
+def test_training_reads_every_window_once_per_epoch(tmp_path, monkeypatch):
+    data, evaluating, seen = tmp_path / "data", [], []
+    data.mkdir()
+    tokens = make_dataset(str(data), train_tokens=2_000)["train"]["tokens"]
+    windows = (tokens - 1) // 32 - 1
+    real_get_batch, real_estimate_loss = train.get_batch, train.estimate_loss
+
+    def recording_get_batch(data_dir, meta, split, starts, block_size, device):
+        if split == "train" and not evaluating:
+            seen.extend(int(start) for start in starts)
+        return real_get_batch(data_dir, meta, split, starts, block_size, device)
+
+    def flagged_estimate_loss(*args):
+        evaluating.append(True)
+        try:
+            return real_estimate_loss(*args)
+        finally:
+            evaluating.pop()
+
+    monkeypatch.setattr(train, "get_batch", recording_get_batch)
+    monkeypatch.setattr(train, "estimate_loss", flagged_estimate_loss)
+    run_train(str(data), tmp_path / "out", f"--max_iters={-(-2 * windows // 16)}")  # two epochs of 16 windows a step
+    for epoch in (seen[:windows], seen[windows:2 * windows]):
+        assert sorted(start - min(epoch) for start in epoch) == [32 * i for i in range(windows)]
+
+
 def test_evaluation_uses_the_same_windows_whatever_the_batch_size(data_dir):
     meta = train.load_meta(data_dir)
     model = tiny_model(vocab_size=64, block_size=32).double()  # only the windows may differ, not the arithmetic
