@@ -514,16 +514,17 @@ def train_window_starts(seed, first, count, split_tokens, block_size):
     windows.
     """
     windows = max(1, (split_tokens - 1) // block_size - 1)  # per epoch, leaving room for the offset
+    epoch, index = np.divmod(first + np.arange(count), windows)
     starts = np.empty(count, dtype=np.int64)
-    for k in range(count):
-        offset, order = epoch_order(seed, (first + k) // windows, windows, split_tokens, block_size)
-        starts[k] = offset + order[(first + k) % windows] * block_size
+    for e in np.unique(epoch):  # one epoch, or two where a batch straddles their boundary
+        offset, order = epoch_order(seed, int(e), windows, split_tokens, block_size)
+        starts[epoch == e] = offset + order[index[epoch == e]] * block_size
     return starts
 
 
 @functools.lru_cache(maxsize=2)
 def epoch_order(seed, epoch, windows, split_tokens, block_size):
-    """One epoch's offset and shuffled window order (cached: a batch asks for the same epoch again and again)."""
+    """One epoch's offset and shuffled window order (cached: every batch of the epoch asks for it again)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     offset = int(torch.randint(min(block_size, split_tokens - windows * block_size), (), generator=generator))
     return offset, torch.randperm(windows, generator=generator).numpy()
