@@ -914,8 +914,11 @@ def peak_flops_of(device, dtype):
         return 0.0
     if device.type != "cpu":
         return 0.0  # no table for this device: MFU is left out unless --peak_flops is given
-    # a large matmul in the dtype the model computes in (autocast's for bf16/fp16): this CPU's practical peak
-    return matmul_flops(getattr(torch, dtype), 2048 if dtype == "float32" else 1024)
+    # a large matmul in the dtype the model computes in (autocast's for bf16/fp16): this CPU's practical peak. Where
+    # that dtype is emulated (bf16 on a CPU without bf16 arithmetic: under 1 GFLOP/s), the hardware's peak is still
+    # its float32 one, and the model's smaller matmuls beat the probe: MFU would read several hundred percent.
+    fp32_peak = matmul_flops(torch.float32, 2048)
+    return fp32_peak if dtype == "float32" else max(matmul_flops(getattr(torch, dtype), 1024), fp32_peak)
 
 
 def keep_freed_memory():

@@ -288,8 +288,9 @@ def test_bfloat16_probe_compares_measured_matmuls(monkeypatch):
 
 
 def test_mfu_peak_is_measured_in_the_dtype_used(monkeypatch):
-    used = []
-    monkeypatch.setattr(train, "matmul_flops", lambda dtype, size, repeats=3: used.append(dtype) or 1e11)
-    train.peak_flops_of(torch.device("cpu"), "bfloat16")
-    train.peak_flops_of(torch.device("cpu"), "float32")
-    assert used == [torch.bfloat16, torch.float32]
+    speeds = {torch.bfloat16: 200e9, torch.float32: 100e9}  # AMX: bf16 twice float32
+    monkeypatch.setattr(train, "matmul_flops", lambda dtype, size, repeats=3: speeds[dtype])
+    assert train.peak_flops_of(torch.device("cpu"), "bfloat16") == 200e9
+    assert train.peak_flops_of(torch.device("cpu"), "float32") == 100e9
+    speeds[torch.bfloat16] = 1e9  # emulated bf16: the hardware's peak is still float32's, so MFU stays under 100%
+    assert train.peak_flops_of(torch.device("cpu"), "bfloat16") == 100e9
