@@ -507,7 +507,8 @@ def train_window_starts(seed, first, count, split_tokens, block_size):
     """
     Where training windows first .. first + count - 1 start, counted from the start of training. Each epoch visits
     every block_size-aligned window of the split once, in a shuffled order and shifted by a random offset, so every
-    token is trained on equally often and in a different position each epoch. Random windows drawn with replacement
+    token (but for up to two windows' worth at the split's ends, which one window per epoch leaves room for the
+    offset) is trained on equally often and in a different position each epoch. Random windows drawn with replacement
     leave e^-k of the tokens unseen after k epochs and show others twice as often as the mean: over the CPU recipe's
     4 epochs, 0.926 and 0.932 bits/byte (two seeds) against 0.908 and 0.905 in epochs (benchmarks/README.md).
     A function of (seed, window index) only, so a resumed run, and a run on any number of processes, sees the same
@@ -915,10 +916,13 @@ def peak_flops_of(device, dtype):
     if device.type != "cpu":
         return 0.0  # no table for this device: MFU is left out unless --peak_flops is given
     # a large matmul in the dtype the model computes in (autocast's for bf16/fp16): this CPU's practical peak. Where
-    # that dtype is emulated (bf16 on a CPU without bf16 arithmetic: under 1 GFLOP/s), the hardware's peak is still
-    # its float32 one, and the model's smaller matmuls beat the probe: MFU would read several hundred percent.
+    # that dtype is emulated (bf16 on a CPU without bf16 arithmetic: about 1 GFLOP/s), the hardware's peak is still
+    # its float32 one (the model's smaller matmuls beat a 1024² probe: MFU read 361%), and a small probe says so in
+    # milliseconds, where the large one would take 12 s.
     fp32_peak = matmul_flops(torch.float32, 2048)
-    return fp32_peak if dtype == "float32" else max(matmul_flops(getattr(torch, dtype), 1024), fp32_peak)
+    if dtype == "float32" or matmul_flops(getattr(torch, dtype), 256) < fp32_peak / 4:
+        return fp32_peak
+    return max(matmul_flops(getattr(torch, dtype), 1024), fp32_peak)
 
 
 def keep_freed_memory():
@@ -1102,10 +1106,11 @@ def main(argv=None):
     for split in ("train", "val"):  # now, not at the first evaluation
         check_split_length(split, meta[split]["tokens"], block_size)
     say(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.flops_per_token() / 1e6:.0f} MFLOP/token")
-    grad_accum = micro_steps_per_process(config, block_size, world_size)
+    grad_accum = 1 if config.eval_only else micro_steps_per_process(config, block_size, world_size)
     tokens_per_iter = grad_accum * world_size * config.batch_size * block_size
-    say(f"{grad_accum} micro-step(s) of {config.batch_size} x {block_size} per process: "
-        f"{tokens_per_iter:,} tokens/iter")
+    if not config.eval_only:
+        say(f"{grad_accum} micro-step(s) of {config.batch_size} x {block_size} per process: "
+            f"{tokens_per_iter:,} tokens/iter")
     optimizers = configure_optimizers(model, config, device.type, muon_ns_dtype(device, dtype))
     say(f"optimizer {config.optimizer}: " + ", ".join(
         f"{type(o).__name__} for {sum(p.numel() for g in o.param_groups for p in g['params']) / 1e6:.2f}M parameters"
@@ -1149,18 +1154,19 @@ def main(argv=None):
             model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = (torch.autocast(device_type=device.type, dtype=getattr(torch, dtype)) if dtype != "float32"
                 else contextlib.nullcontext())
-    peak_flops = config.peak_flops or peak_flops_of(device, dtype)
+    peak_flops = config.peak_flops or (0.0 if config.eval_only else peak_flops_of(device, dtype))
 
     def batch(split, starts):
         return get_batch(config.data_dir, meta, split, starts, block_size, device)
 
-    def checkpoint_now(val_loss=float("nan")):  # val_loss of exactly these weights, when just evaluated
+    def checkpoint_now(val_loss=float("nan"), training_s=None):  # val_loss of exactly these weights, when evaluated
         return {
             "version": CHECKPOINT_VERSION, "model": raw_model.state_dict(),
             "optimizer": [optimizer.state_dict() for optimizer in optimizers],
             "scaler": scaler.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss, "val_loss": val_loss,
             "model_args": model_args, "config": dataclasses.asdict(config), "meta": meta, "rng": rng_state(),
-            "elapsed_s": elapsed_before + time.time() - t_start, "train_s": train_s,
+            "elapsed_s": elapsed_before + time.time() - t_start,
+            "train_s": train_s + time.time() - t_last if training_s is None else training_s,
             "tokens": iter_num * tokens_per_iter, "wandb_run_id": wandb_run.id if wandb_run else wandb_run_id,
         }
 
@@ -1199,7 +1205,11 @@ def main(argv=None):
         set_lr(optimizers, config, scale)
         lr = config.learning_rate * scale
 
-        if master and (iter_num % config.eval_interval == 0 or done or config.eval_only):
+        evaluating = iter_num % config.eval_interval == 0 or done or config.eval_only
+        if evaluating:
+            t_eval = time.time()
+            training_s = train_s + t_eval - t_last  # training time up to this evaluation
+        if master and evaluating:
             losses = estimate_loss(model, batch, meta, config.eval_tokens, block_size, config.batch_size, autocast)
             val_bpb = bits_per_byte(losses["val"], meta)
             say(f"eval iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
@@ -1210,7 +1220,7 @@ def main(argv=None):
                 raise loss_not_finite(losses["val"], iter_num, ckpt_path)
             row = {"iter": iter_num, "tokens": iter_num * tokens_per_iter, "train_loss": losses["train"],
                    "val_loss": losses["val"], "val_bpb": val_bpb, "lr": lr,
-                   "elapsed_s": round(elapsed_before + time.time() - t_start, 3), "train_s": round(train_s, 3)}
+                   "elapsed_s": round(elapsed_before + time.time() - t_start, 3), "train_s": round(training_s, 3)}
             with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
             if wandb_run:
@@ -1219,8 +1229,11 @@ def main(argv=None):
                 plot_losses(log_path, os.path.join(config.out_dir, "loss.png"))
             if iter_num > 0 and (losses["val"] < best_val_loss or config.always_save_checkpoint):
                 best_val_loss = min(best_val_loss, losses["val"])
-                save_checkpoint(ckpt_path, checkpoint_now(losses["val"]))
-            t_last = time.time()  # evaluation time is not training time
+                save_checkpoint(ckpt_path, checkpoint_now(losses["val"], training_s))
+        if evaluating:  # evaluation time is not training time: the clock pauses, on every process
+            if ddp and not config.eval_only:  # the others wait here for rank 0, not in the next step's all-reduce,
+                torch.distributed.barrier()  # where their clocks would run
+            t_last += time.time() - t_eval
         if done or config.eval_only:
             break
 
@@ -1280,6 +1293,7 @@ def main(argv=None):
                 torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
                 stop = agreed[0].item() > 0
                 clock_train_s, clock_s_per_iter = agreed[1].item(), agreed[2].item()
+                train_s = clock_train_s  # every process just logged: train_s was its own reading until now
         if stop:
             interrupted = f"stopped at iter {iter_num}"
             if master:

@@ -325,6 +325,9 @@ def test_eval_only_writes_nothing_at_all(trained, capsys):
     run_train(data, out, "--eval_only=True", "--plot=True")
     assert "eval iter 4:" in capsys.readouterr().out
     assert snapshot(out) == before
+    # a batch size that could not make up a training step's tokens is still fine for evaluating
+    run_train(data, out, "--eval_only=True", "--batch_size=3", "--gradient_accumulation_steps=0")
+    assert "eval iter 4:" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("damage, message", [

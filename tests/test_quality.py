@@ -253,18 +253,79 @@ def test_evaluation_time_is_not_training_time(data_dir, tmp_path, monkeypatch):
     assert checkpoint["train_s"] < 0.6 + 2
 
 
+@pytest.fixture
+def work_clock(monkeypatch):
+    """train.py's clock, moved only by the work: each micro-batch of training 0.05 s (TINY's two make a 0.1 s step),
+    each evaluation 5 s; reading the clock takes no time, wherever the loop reads it."""
+    import time
+    import types
+
+    now = [1000.0]
+    windows, evaluate = train.train_window_starts, train.estimate_loss
+
+    def training(*args):
+        now[0] += 0.05
+        return windows(*args)
+
+    def evaluation(*args):
+        now[0] += 5.0
+        return evaluate(*args)
+
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: now[0], perf_counter=time.perf_counter))
+    monkeypatch.setattr(train, "train_window_starts", training)
+    monkeypatch.setattr(train, "estimate_loss", evaluation)
+
+
+def test_training_time_counts_every_step_when_evaluations_fall_between_progress_lines(data_dir, tmp_path, work_clock):
+    out = tmp_path / "out"
+    run_train(data_dir, out, "--max_iters=12", "--log_interval=5", "--eval_interval=3")
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [row["iter"] for row in rows] == [0, 3, 6, 9, 12]
+    assert [row["train_s"] for row in rows] == pytest.approx([0.0, 0.3, 0.6, 0.9, 1.2])
+    assert [row["elapsed_s"] for row in rows] == pytest.approx([5.0, 10.3, 15.6, 20.9, 26.2])
+    checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
+    assert checkpoint["train_s"] == pytest.approx(1.2)
+    run_train(data_dir, tmp_path / "budget", "--max_minutes=0.02", "--log_interval=5", "--eval_interval=3")
+    checkpoint = torch.load(tmp_path / "budget" / "ckpt.pt", weights_only=True)
+    assert checkpoint["iter_num"] == pytest.approx(12, abs=1)  # 1.2 s of 0.1 s steps, evaluations not counted
+    assert checkpoint["train_s"] == pytest.approx(1.2, abs=0.1)
+
+
+def test_an_interrupted_run_saves_the_training_time_up_to_its_last_step(data_dir, tmp_path, work_clock):
+    import signal
+
+    windows, calls = train.train_window_starts, []
+
+    def interrupt_at_the_seventh_step(*args):  # Ctrl-C during step 7: it finishes, saves and stops
+        calls.append(1)
+        if len(calls) == 13:
+            signal.raise_signal(signal.SIGINT)
+        return windows(*args)
+
+    train.train_window_starts = interrupt_at_the_seventh_step  # monkeypatch (work_clock) restores the original
+    with pytest.raises(KeyboardInterrupt):
+        run_train(data_dir, tmp_path, "--max_minutes=1", "--log_interval=5", "--eval_interval=100000")
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert checkpoint["iter_num"] == 7
+    assert checkpoint["train_s"] == pytest.approx(0.7)  # not 0.5, the clock at the last progress line
+
+
 def test_ddp_processes_stop_after_the_same_step_on_a_budget(data_dir, tmp_path):
-    """Two gloo processes with Muon and a wall-clock budget: they must agree on the lr and the last step (or hang)."""
+    """Two gloo processes with Muon and a wall-clock budget: they must agree on the lr and the last step (or hang).
+    Only rank 0 evaluates; the other's clock must not run while it waits, or the evaluations eat the budget."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "train.py", f"--data_dir={data_dir}", f"--out_dir={tmp_path}/two", *TINY,
-                          "--optimizer=muon", "--max_minutes=0.02", "--log_interval=1", "--eval_interval=100000"],
+                          "--optimizer=muon", "--max_minutes=0.02", "--log_interval=2", "--eval_interval=3",
+                          "--eval_tokens=20000"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     steps = progress_lines(ddp.stdout)
     checkpoint = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)
     assert len(steps) >= 2 and checkpoint["iter_num"] == steps[-1][0]  # (a loaded machine may fit only a few steps)
     assert steps[-1][1] == pytest.approx(3e-4)
+    assert checkpoint["train_s"] >= 1.2  # the budget, spent on training; the evaluations come on top
+    assert checkpoint["elapsed_s"] > checkpoint["train_s"] + 0.5
 
 
 # --- the CPU's dtype ----------------------------------------------------------
@@ -288,9 +349,10 @@ def test_bfloat16_probe_compares_measured_matmuls(monkeypatch):
 
 
 def test_mfu_peak_is_measured_in_the_dtype_used(monkeypatch):
-    speeds = {torch.bfloat16: 200e9, torch.float32: 100e9}  # AMX: bf16 twice float32
-    monkeypatch.setattr(train, "matmul_flops", lambda dtype, size, repeats=3: speeds[dtype])
+    speeds, probes = {torch.bfloat16: 200e9, torch.float32: 100e9}, []  # AMX: bf16 twice float32
+    monkeypatch.setattr(train, "matmul_flops", lambda dtype, size, repeats=3: probes.append(size) or speeds[dtype])
     assert train.peak_flops_of(torch.device("cpu"), "bfloat16") == 200e9
     assert train.peak_flops_of(torch.device("cpu"), "float32") == 100e9
-    speeds[torch.bfloat16] = 1e9  # emulated bf16: the hardware's peak is still float32's, so MFU stays under 100%
+    speeds[torch.bfloat16], probes[:] = 1e9, []  # emulated bf16: the hardware's peak is still float32's (MFU < 100%)
     assert train.peak_flops_of(torch.device("cpu"), "bfloat16") == 100e9
+    assert 1024 not in probes  # a large emulated probe would take 12 s
