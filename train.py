@@ -1207,6 +1207,8 @@ def main(argv=None):
 
         evaluating = iter_num % config.eval_interval == 0 or done or config.eval_only
         if evaluating:
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # the steps still queued on the GPU are training time
             t_eval = time.time()
             training_s = train_s + t_eval - t_last  # training time up to this evaluation
         if master and evaluating:
