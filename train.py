@@ -919,10 +919,10 @@ def peak_flops_of(device, dtype):
     # that dtype is emulated (bf16 on a CPU without bf16 arithmetic: about 1 GFLOP/s), the hardware's peak is still
     # its float32 one (the model's smaller matmuls beat a 1024² probe: MFU read 361%), and a small probe says so in
     # milliseconds, where the large one would take 12 s.
-    fp32_peak = matmul_flops(torch.float32, 2048)
-    if dtype == "float32" or matmul_flops(getattr(torch, dtype), 256) < fp32_peak / 4:
+    fp32_peak, probe_dtype = matmul_flops(torch.float32, 2048), getattr(torch, dtype)
+    if dtype == "float32" or matmul_flops(probe_dtype, 256) < fp32_peak / 4:
         return fp32_peak
-    return max(matmul_flops(getattr(torch, dtype), 1024), fp32_peak)
+    return max(matmul_flops(probe_dtype, 1024), fp32_peak)
 
 
 def keep_freed_memory():
@@ -1186,11 +1186,11 @@ def main(argv=None):
     # process computes the same learning rate and stops after the same step, and the step whose learning rate has
     # reached min_lr is the last one.
     budget_s = 60 * config.max_minutes
-    clock_iter, clock_train_s, clock_s_per_iter = iter_num, train_s, 0.0  # the last reading
+    clock_iter, clock_s_per_iter = iter_num, 0.0  # the last reading (train_s is its time)
 
     def fraction_done(steps):  # of the schedule
         if budget_s:
-            return (clock_train_s + (steps - clock_iter) * clock_s_per_iter) / budget_s
+            return (train_s + (steps - clock_iter) * clock_s_per_iter) / budget_s
         return steps / max(1, config.lr_decay_iters or config.max_iters)
 
     def finished(steps):
@@ -1273,7 +1273,7 @@ def main(argv=None):
             dt = (now - t_last) / iters_since_log
             train_s += now - t_last
             t_last, iters_since_log = now, 0
-            clock_iter, clock_train_s, clock_s_per_iter = iter_num, train_s, dt
+            clock_iter, clock_s_per_iter = iter_num, dt
             tokens_per_s = tokens_per_iter / dt
             mfu = raw_model.estimate_mfu(tokens_per_s / world_size, peak_flops) if peak_flops else 0.0
             if budget_s:
@@ -1290,12 +1290,11 @@ def main(argv=None):
         if ddp:  # every process must stop after the same step and read the same clock: they agree every log_interval
             stop = False
             if iter_num % config.log_interval == 0:
-                agreed = torch.tensor([float(bool(stop_requested)), clock_train_s, clock_s_per_iter],
+                agreed = torch.tensor([float(bool(stop_requested)), train_s, clock_s_per_iter],
                                       dtype=torch.float64, device=device)
                 torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
                 stop = agreed[0].item() > 0
-                clock_train_s, clock_s_per_iter = agreed[1].item(), agreed[2].item()
-                train_s = clock_train_s  # every process just logged: train_s was its own reading until now
+                train_s, clock_s_per_iter = agreed[1].item(), agreed[2].item()  # all keep the agreed clock
         if stop:
             interrupted = f"stopped at iter {iter_num}"
             if master:

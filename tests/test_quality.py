@@ -291,7 +291,7 @@ def test_training_time_counts_every_step_when_evaluations_fall_between_progress_
     assert checkpoint["train_s"] == pytest.approx(1.2, abs=0.1)
 
 
-def test_an_interrupted_run_saves_the_training_time_up_to_its_last_step(data_dir, tmp_path, work_clock):
+def test_an_interrupted_run_saves_the_training_time_up_to_its_last_step(data_dir, tmp_path, monkeypatch, work_clock):
     import signal
 
     windows, calls = train.train_window_starts, []
@@ -302,7 +302,7 @@ def test_an_interrupted_run_saves_the_training_time_up_to_its_last_step(data_dir
             signal.raise_signal(signal.SIGINT)
         return windows(*args)
 
-    train.train_window_starts = interrupt_at_the_seventh_step  # monkeypatch (work_clock) restores the original
+    monkeypatch.setattr(train, "train_window_starts", interrupt_at_the_seventh_step)  # on top of work_clock's
     with pytest.raises(KeyboardInterrupt):
         run_train(data_dir, tmp_path, "--max_minutes=1", "--log_interval=5", "--eval_interval=100000")
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
@@ -324,7 +324,7 @@ def test_ddp_processes_stop_after_the_same_step_on_a_budget(data_dir, tmp_path):
     checkpoint = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)
     assert len(steps) >= 2 and checkpoint["iter_num"] == steps[-1][0]  # (a loaded machine may fit only a few steps)
     assert steps[-1][1] == pytest.approx(3e-4)
-    assert checkpoint["train_s"] >= 1.2  # the budget, spent on training; the evaluations come on top
+    assert checkpoint["train_s"] >= 0.9 * 1.2  # about the budget (the last step ends it by extrapolation), all training
     assert checkpoint["elapsed_s"] > checkpoint["train_s"] + 0.5
 
 
