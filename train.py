@@ -88,7 +88,7 @@ class TrainConfig:
     min_lr: float = 1e-4  # floor of the decay (AdamW's; Muon's is as far below its peak), at most learning_rate
     # system
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
-    dtype: str = "auto"  # auto (GPU: bfloat16, else float16; CPU: bfloat16 if a probe finds it faster), or one of those
+    dtype: str = "auto"  # auto (GPU: bfloat16, else float16; CPU: bfloat16 if timed passes run faster), or one of those
     compile: bool | str = "auto"  # torch.compile the model: auto (on for CUDA), True or False
     seed: int = 1337  # seeds init, batch order and dropout; each DDP rank adds its rank
     peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 looks it up (GPU) or measures a matmul (CPU)
@@ -874,8 +874,8 @@ def pick_dtype(name, device):
     if name == "auto":
         if device.type == "cuda":
             return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
-        if device.type == "cpu" and cpu_bfloat16_is_faster():
-            return "bfloat16"
+        if device.type == "cpu":
+            return None  # decided once the model exists: cpu_bfloat16_is_faster times its training passes
         return "float32"
     if name == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise UserError("this GPU has no bfloat16: use --dtype=float16 (with loss scaling) or --dtype=float32")
@@ -894,13 +894,44 @@ def matmul_flops(dtype, size, repeats=3):
     return 2 * size ** 3 / best
 
 
-def cpu_bfloat16_is_faster():
+def cpu_bfloat16_is_faster(model, rows, compile_model=False, resumed_dtype=None):
     """
-    Whether bfloat16 matmuls beat float32 ones on this CPU, measured (a few ms), not guessed from its name: with AMX
-    (Intel Xeon) bf16 autocast halved the CPU recipe's step, while a CPU without bf16 arithmetic emulates it at
-    about 1 GFLOP/s against 60-90 in float32.
+    Whether bf16 autocast trains this model faster than float32 on this CPU: measured, not guessed from its name.
+    First a 256² matmul in each dtype (a few ms): a CPU without bf16 arithmetic emulates it at about 1 GFLOP/s
+    against 60-90 in float32, and float32 wins outright. Where bf16 matmuls are faster (AMX: an earlier CPU recipe's
+    step took half the time), the model's own forward and backward passes on `rows` sequences decide, each dtype with
+    the LM-head loss it would train with (float32 the chunked one), since a step is more than its matmuls. bf16 must
+    win by 10%: in a close call float32, the exact one, stays. A resumed run keeps the dtype it was trained in, as
+    a resume is exact only in that dtype and a second timing could land the other way.
+    Returns (bf16 is faster, what was measured).
     """
-    return matmul_flops(torch.bfloat16, 256) > 1.25 * matmul_flops(torch.float32, 256)
+    bf16_flops, fp32_flops = matmul_flops(torch.bfloat16, 256), matmul_flops(torch.float32, 256)
+    if bf16_flops < 1.25 * fp32_flops:
+        return False, (f"bfloat16 matmuls ran at {bf16_flops / 1e9:.1f} GFLOP/s against {fp32_flops / 1e9:.1f} "
+                       "in float32")
+    if resumed_dtype in ("float32", "bfloat16"):
+        return resumed_dtype == "bfloat16", "the dtype of the run being resumed"
+    idx = torch.randint(model.config.vocab_size, (rows, model.config.block_size),
+                        generator=torch.Generator().manual_seed(0))
+    bf16_s = training_pass_s(model, idx, torch.autocast("cpu", dtype=torch.bfloat16), chunked_loss=False)
+    fp32_s = training_pass_s(model, idx, contextlib.nullcontext(), chunked_loss=not compile_model)
+    return bf16_s < 0.9 * fp32_s, (f"a training pass of {rows} x {model.config.block_size} tokens took "
+                                   f"{bf16_s * 1e3:.0f} ms in bfloat16 against {fp32_s * 1e3:.0f} ms in float32")
+
+
+def training_pass_s(model, idx, autocast, chunked_loss, repeats=2):
+    """Seconds of the fastest of a few forward and backward passes (after one to warm up). The RNG and the
+    gradients are left as they were (none)."""
+    model.chunked_loss, best = chunked_loss, math.inf
+    with torch.random.fork_rng(devices=[]):  # dropout's draws must not move the run's RNG
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            with autocast:
+                _, loss = model(idx, idx)
+            loss.backward()
+            best = min(best, time.perf_counter() - t0) if i else best
+    model.zero_grad(set_to_none=True)
+    return best
 
 
 def peak_flops_of(device, dtype):
@@ -1053,7 +1084,6 @@ def main(argv=None):
         print_config(config)
     if device.type == "cpu" and config.n_embd >= 512 and config.max_iters >= 1000:
         say("note: these are the GPU defaults; on a CPU try `python train.py configs/tinystories_cpu.py`")
-    say(f"device {device}, dtype {dtype}, compile {compile_model}, {world_size} process(es)")
 
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmuls left outside autocast
@@ -1070,6 +1100,7 @@ def main(argv=None):
 
     # model, optimizer, loss scaler: fresh, or exactly as they were saved
     iter_num, best_val_loss, elapsed_before, train_s, wandb_run_id = 0, float("inf"), 0.0, 0.0, None
+    resumed_dtype = None
     if config.init_from == "resume":
         checkpoint = load_checkpoint(ckpt_path)
         model_args = checkpoint["model_args"]  # the architecture is the checkpoint's, whatever the flags say
@@ -1087,6 +1118,7 @@ def main(argv=None):
         elapsed_before = checkpoint.get("elapsed_s", 0.0)
         train_s = checkpoint.get("train_s", 0.0)  # training time already spent, for --max_minutes
         wandb_run_id = checkpoint.get("wandb_run_id")  # the resumed run logs into the same wandb run
+        resumed_dtype = checkpoint.get("dtype")  # what it trained in (--dtype=auto keeps it on a CPU)
         optimized_with = checkpoint["config"].get("optimizer", "adamw")  # (checkpoints from before Muon: adamw)
         if config.eval_only:
             config.optimizer = optimized_with
@@ -1101,10 +1133,21 @@ def main(argv=None):
     if config.init_from == "resume":
         model.load_state_dict(checkpoint["model"])
     model.to(device)
-    model.chunked_loss = device.type == "cpu" and not compile_model and dtype == "float32"
     block_size = model.config.block_size  # the checkpoint's when resuming, whatever --block_size says
     for split in ("train", "val"):  # now, not at the first evaluation
         check_split_length(split, meta[split]["tokens"], block_size)
+    if dtype is None:  # --dtype=auto on a CPU: timed training passes decide, rank 0's for every process
+        rows = min(config.batch_size, max(1, 4096 // block_size))
+        bf16_faster, measured = (cpu_bfloat16_is_faster(model, rows, compile_model, resumed_dtype) if master
+                                 else (False, ""))
+        if ddp:
+            choice = torch.tensor([float(bf16_faster)])
+            torch.distributed.broadcast(choice, src=0)
+            bf16_faster = choice.item() > 0
+        dtype = "bfloat16" if bf16_faster else "float32"
+        say(f"dtype auto: {dtype} ({measured})")
+    say(f"device {device}, dtype {dtype}, compile {compile_model}, {world_size} process(es)")
+    model.chunked_loss = device.type == "cpu" and not compile_model and dtype == "float32"
     say(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.flops_per_token() / 1e6:.0f} MFLOP/token")
     grad_accum = 1 if config.eval_only else micro_steps_per_process(config, block_size, world_size)
     tokens_per_iter = grad_accum * world_size * config.batch_size * block_size
@@ -1164,7 +1207,8 @@ def main(argv=None):
             "version": CHECKPOINT_VERSION, "model": raw_model.state_dict(),
             "optimizer": [optimizer.state_dict() for optimizer in optimizers],
             "scaler": scaler.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss, "val_loss": val_loss,
-            "model_args": model_args, "config": dataclasses.asdict(config), "meta": meta, "rng": rng_state(),
+            "model_args": model_args, "config": dataclasses.asdict(config), "dtype": dtype, "meta": meta,
+            "rng": rng_state(),
             "elapsed_s": elapsed_before + time.time() - t_start,
             "train_s": train_s + time.time() - t_last if training_s is None else training_s,
             "tokens": iter_num * tokens_per_iter, "wandb_run_id": wandb_run.id if wandb_run else wandb_run_id,

@@ -333,19 +333,84 @@ def test_ddp_processes_stop_after_the_same_step_on_a_budget(data_dir, tmp_path):
 
 @pytest.mark.parametrize("faster, expected", [(True, "bfloat16"), (False, "float32")])
 def test_auto_dtype_on_a_cpu_follows_the_probe(data_dir, tmp_path, monkeypatch, capsys, faster, expected):
-    monkeypatch.setattr(train, "cpu_bfloat16_is_faster", lambda: faster)
-    assert train.pick_dtype("auto", torch.device("cpu")) == expected
+    probed = []
+    monkeypatch.setattr(train, "cpu_bfloat16_is_faster", lambda *args: probed.append(args) or (faster, "stubbed"))
+    assert train.pick_dtype("auto", torch.device("cpu")) is None  # decided once the model exists
     assert train.pick_dtype("float32", torch.device("cpu")) == "float32"  # an explicit dtype is never probed
     run_train(data_dir, tmp_path / "out", "--max_iters=1", "--eval_interval=1", "--dtype=auto")
-    assert f"device cpu, dtype {expected}," in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"dtype auto: {expected} (stubbed)\ndevice cpu, dtype {expected}," in out
+    [(model, rows, compiled, resumed)] = probed
+    assert isinstance(model, train.GPT) and rows == 8 and not compiled and resumed is None  # TINY's 8 x 32 batch
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["dtype"] == expected
 
 
-def test_bfloat16_probe_compares_measured_matmuls(monkeypatch):
+@pytest.fixture
+def fast_bfloat16_matmuls(monkeypatch):
+    """A CPU whose bf16 matmuls are twice as fast as float32 ones (AMX); speeds[torch.bfloat16] can be lowered."""
     speeds = {torch.bfloat16: 200e9, torch.float32: 100e9}
     monkeypatch.setattr(train, "matmul_flops", lambda dtype, size, repeats=3: speeds[dtype])
-    assert train.cpu_bfloat16_is_faster()
-    speeds[torch.bfloat16] = 1e9  # emulated bf16, as on CPUs without bf16 arithmetic
-    assert not train.cpu_bfloat16_is_faster()
+    return speeds
+
+
+def test_bfloat16_probe_times_matmuls_then_the_models_training_passes(monkeypatch, fast_bfloat16_matmuls):
+    passes, seconds = [], {torch.bfloat16: 0.5, torch.float32: 1.0}
+
+    def timed_pass(model, idx, autocast, chunked_loss):
+        dtype = autocast.fast_dtype if isinstance(autocast, torch.autocast) else torch.float32
+        passes.append((tuple(idx.shape), dtype, chunked_loss))
+        return seconds[dtype]
+
+    monkeypatch.setattr(train, "training_pass_s", timed_pass)
+    model = tiny_model()
+    faster, measured = train.cpu_bfloat16_is_faster(model, 4)
+    assert faster and measured == "a training pass of 4 x 16 tokens took 500 ms in bfloat16 against 1000 ms in float32"
+    assert passes == [((4, 16), torch.bfloat16, False), ((4, 16), torch.float32, True)]  # each with its own loss
+    seconds[torch.bfloat16] = 0.95  # a close call keeps float32
+    assert not train.cpu_bfloat16_is_faster(model, 4)[0]
+    passes.clear()
+    assert not train.cpu_bfloat16_is_faster(model, 4, compile_model=True)[0] and not passes[1][2]  # compiled: no chunks
+    passes.clear()  # a resume keeps its run's dtype without timing anything
+    assert train.cpu_bfloat16_is_faster(model, 4, resumed_dtype="bfloat16")[0]
+    assert not train.cpu_bfloat16_is_faster(model, 4, resumed_dtype="float32")[0] and not passes
+    fast_bfloat16_matmuls[torch.bfloat16] = 1e9  # emulated bf16, as on CPUs without bf16 arithmetic: no pass to time
+    faster, measured = train.cpu_bfloat16_is_faster(model, 4, resumed_dtype="bfloat16")
+    assert not faster and measured == "bfloat16 matmuls ran at 1.0 GFLOP/s against 100.0 in float32" and not passes
+
+
+def test_a_timed_training_pass_leaves_the_model_and_the_rng_as_they_were():
+    model = tiny_model(dropout=0.1)  # dropout draws from the RNG
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    rng, outputs = torch.get_rng_state(), []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: outputs.append(output.dtype) if isinstance(module, torch.nn.Linear) else None)
+    try:
+        idx = torch.randint(50, (2, 16), generator=torch.Generator().manual_seed(0))
+        seconds = train.training_pass_s(model, idx, torch.autocast("cpu", dtype=torch.bfloat16), chunked_loss=False)
+    finally:
+        hook.remove()
+    assert 0 < seconds < 10 and set(outputs) == {torch.bfloat16}  # timed in bf16, not just called so
+    assert len(outputs) == 3 * 2 * 4 + 3  # a warm-up and two timed passes of 2 blocks' 4 Linears and the head
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    train.training_pass_s(model, idx, torch.autocast("cpu", enabled=False), chunked_loss=True)
+    assert model.chunked_loss  # the float32 pass took the chunked loss, as its training would
+
+
+def test_a_resumed_run_keeps_the_dtype_it_was_trained_in(data_dir, tmp_path, monkeypatch, capsys,
+                                                       fast_bfloat16_matmuls):
+    seconds = {torch.bfloat16: 0.5, torch.float32: 1.0}
+    monkeypatch.setattr(train, "training_pass_s", lambda model, idx, autocast, chunked_loss: seconds[
+        autocast.fast_dtype if isinstance(autocast, torch.autocast) else torch.float32])
+    out = tmp_path / "out"
+    run_train(data_dir, out, "--max_iters=2", "--eval_interval=2", "--dtype=auto")
+    assert torch.load(out / "ckpt.pt", weights_only=True)["dtype"] == "bfloat16"
+    seconds[torch.bfloat16] = 2.0  # timed again now, bf16 would lose; the resumed run stays in bf16 all the same
+    capsys.readouterr()
+    run_train(data_dir, out, "--max_iters=4", "--eval_interval=2", "--dtype=auto", "--init_from=resume")
+    assert "dtype auto: bfloat16 (the dtype of the run being resumed)" in capsys.readouterr().out
+    assert torch.load(out / "ckpt.pt", weights_only=True)["dtype"] == "bfloat16"
 
 
 def test_mfu_peak_is_measured_in_the_dtype_used(monkeypatch):
