@@ -897,12 +897,14 @@ def matmul_flops(dtype, size, repeats=3):
 def cpu_bfloat16_is_faster(model, rows, compile_model=False, resumed_dtype=None):
     """
     Whether bf16 autocast trains this model faster than float32 on this CPU: measured, not guessed from its name.
-    First a 256² matmul in each dtype (a few ms): a CPU without bf16 arithmetic emulates it at about 1 GFLOP/s
-    against 60-90 in float32, and float32 wins outright. Where bf16 matmuls are faster (AMX: an earlier CPU recipe's
-    step took half the time), the model's own forward and backward passes on `rows` sequences decide, each dtype with
-    the LM-head loss it would train with (float32 the chunked one), since a step is more than its matmuls. bf16 must
-    win by 10%: in a close call float32, the exact one, stays. A resumed run keeps the dtype it was trained in, as
-    a resume is exact only in that dtype and a second timing could land the other way.
+    First a 256² matmul in each dtype (a few ms): bf16 must run it 1.25x as fast. A CPU without bf16 arithmetic
+    emulates it at about 1 GFLOP/s against 60-90 in float32, and float32 wins outright. Where bf16 matmuls are faster
+    (AMX: an earlier CPU recipe's step took half the time), the model's own forward and backward passes on `rows`
+    sequences decide, each dtype with the LM-head loss it would train with (float32 the chunked one), since a step is
+    more than its matmuls. The passes are eager even for --compile=True, and leave out the optimizer (whose
+    Newton-Schulz runs in bf16 too when bf16 is chosen): both lean towards float32. bf16 must take 10% less time: in
+    a close call float32, the exact one, stays. A resumed run keeps a float32 or bf16 dtype it was trained in (where
+    bf16 is fast here), as a resume is exact only in that dtype and a second timing could land the other way.
     Returns (bf16 is faster, what was measured).
     """
     bf16_flops, fp32_flops = matmul_flops(torch.bfloat16, 256), matmul_flops(torch.float32, 256)
@@ -920,9 +922,9 @@ def cpu_bfloat16_is_faster(model, rows, compile_model=False, resumed_dtype=None)
 
 
 def training_pass_s(model, idx, autocast, chunked_loss, repeats=2):
-    """Seconds of the fastest of a few forward and backward passes (after one to warm up). The RNG and the
-    gradients are left as they were (none)."""
-    model.chunked_loss, best = chunked_loss, math.inf
+    """Seconds of the fastest of a few forward and backward passes (after one to warm up), with or without the
+    chunked loss. The model, its RNG and its gradients (none) are left as they were."""
+    was_chunked, model.chunked_loss, best = model.chunked_loss, chunked_loss, math.inf
     with torch.random.fork_rng(devices=[]):  # dropout's draws must not move the run's RNG
         for i in range(repeats + 1):
             t0 = time.perf_counter()
@@ -931,6 +933,7 @@ def training_pass_s(model, idx, autocast, chunked_loss, repeats=2):
             loss.backward()
             best = min(best, time.perf_counter() - t0) if i else best
     model.zero_grad(set_to_none=True)
+    model.chunked_loss = was_chunked
     return best
 
 
@@ -1136,6 +1139,8 @@ def main(argv=None):
     block_size = model.config.block_size  # the checkpoint's when resuming, whatever --block_size says
     for split in ("train", "val"):  # now, not at the first evaluation
         check_split_length(split, meta[split]["tokens"], block_size)
+    if dtype is None and config.eval_only and resumed_dtype is None:  # nothing to time: float32 reads exactly
+        dtype = "float32"
     if dtype is None:  # --dtype=auto on a CPU: timed training passes decide, rank 0's for every process
         rows = min(config.batch_size, max(1, 4096 // block_size))
         bf16_faster, measured = (cpu_bfloat16_is_faster(model, rows, compile_model, resumed_dtype) if master

@@ -1,5 +1,6 @@
 """Quality per minute: Muon beside AdamW, the learning-rate schedules, the wall-clock budget, the CPU's dtype."""
 
+import contextlib
 import json
 import os
 import re
@@ -378,24 +379,34 @@ def test_bfloat16_probe_times_matmuls_then_the_models_training_passes(monkeypatc
     assert not faster and measured == "bfloat16 matmuls ran at 1.0 GFLOP/s against 100.0 in float32" and not passes
 
 
+def linear_output_dtypes(run):
+    """The dtype of every Linear module's output while run() runs."""
+    dtypes = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, output: dtypes.append(output.dtype) if isinstance(module, torch.nn.Linear) else None)
+    try:
+        run()
+    finally:
+        hook.remove()
+    return dtypes
+
+
 def test_a_timed_training_pass_leaves_the_model_and_the_rng_as_they_were():
     model = tiny_model(dropout=0.1)  # dropout draws from the RNG
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    rng, outputs = torch.get_rng_state(), []
-    hook = torch.nn.modules.module.register_module_forward_hook(
-        lambda module, args, output: outputs.append(output.dtype) if isinstance(module, torch.nn.Linear) else None)
-    try:
-        idx = torch.randint(50, (2, 16), generator=torch.Generator().manual_seed(0))
-        seconds = train.training_pass_s(model, idx, torch.autocast("cpu", dtype=torch.bfloat16), chunked_loss=False)
-    finally:
-        hook.remove()
-    assert 0 < seconds < 10 and set(outputs) == {torch.bfloat16}  # timed in bf16, not just called so
-    assert len(outputs) == 3 * 2 * 4 + 3  # a warm-up and two timed passes of 2 blocks' 4 Linears and the head
+    rng, seconds = torch.get_rng_state(), []
+    idx = torch.randint(50, (2, 16), generator=torch.Generator().manual_seed(0))
+    bf16 = linear_output_dtypes(lambda: seconds.append(train.training_pass_s(
+        model, idx, torch.autocast("cpu", dtype=torch.bfloat16), chunked_loss=False)))
+    assert 0 < seconds[0] < 10
+    # timed in bf16, not just called so: a warm-up and two timed passes of 2 blocks' 4 Linears and the head
+    assert bf16 == [torch.bfloat16] * 3 * (2 * 4 + 1)
+    fp32 = linear_output_dtypes(lambda: train.training_pass_s(model, idx, contextlib.nullcontext(), chunked_loss=True))
+    assert fp32 == [torch.float32] * 3 * 2 * 4  # the chunked loss, which never calls lm_head as a module
+    assert not model.chunked_loss  # left as it was
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
-    train.training_pass_s(model, idx, torch.autocast("cpu", enabled=False), chunked_loss=True)
-    assert model.chunked_loss  # the float32 pass took the chunked loss, as its training would
 
 
 def test_a_resumed_run_keeps_the_dtype_it_was_trained_in(data_dir, tmp_path, monkeypatch, capsys,
@@ -411,6 +422,18 @@ def test_a_resumed_run_keeps_the_dtype_it_was_trained_in(data_dir, tmp_path, mon
     run_train(data_dir, out, "--max_iters=4", "--eval_interval=2", "--dtype=auto", "--init_from=resume")
     assert "dtype auto: bfloat16 (the dtype of the run being resumed)" in capsys.readouterr().out
     assert torch.load(out / "ckpt.pt", weights_only=True)["dtype"] == "bfloat16"
+
+
+def test_eval_only_times_no_training_passes(data_dir, tmp_path, monkeypatch, capsys, fast_bfloat16_matmuls):
+    out = tmp_path / "out"
+    run_train(data_dir, out, "--max_iters=2", "--eval_interval=2", "--dtype=float32")
+    checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
+    del checkpoint["dtype"]  # as saved before the choice was kept
+    torch.save(checkpoint, out / "ckpt.pt")
+    monkeypatch.setattr(train, "training_pass_s", lambda *args, **kwargs: pytest.fail("timed a training pass"))
+    capsys.readouterr()
+    run_train(data_dir, out, "--init_from=resume", "--eval_only=True", "--dtype=auto")
+    assert "device cpu, dtype float32," in capsys.readouterr().out
 
 
 def test_mfu_peak_is_measured_in_the_dtype_used(monkeypatch):
