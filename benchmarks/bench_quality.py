@@ -27,7 +27,7 @@ from cli import UserError, parse_config, run_main  # noqa: E402
 
 @dataclasses.dataclass
 class BenchQualityConfig:
-    recipe: str = "configs/tinystories_cpu.py"  # the train.py config file to run
+    recipe: str = "configs/tinystories_cpu.py"  # the train.py config file to run; empty for train.py's defaults
     optimizers: str = "adamw,muon"  # comma-separated --optimizer values, run in this order
     minutes: float = 0.0  # budget per run in minutes of training (--max_minutes); 0 uses --steps
     steps: int = 0  # steps per run (--max_iters) when --minutes is 0; 0 keeps the recipe's own
@@ -40,7 +40,8 @@ def run_one(cfg, optimizer, out_dir):
         budget = [f"--max_minutes={cfg.minutes}"]
     else:  # (a recipe's own budget in minutes would otherwise win over the steps)
         budget = [f"--max_iters={cfg.steps}", "--max_minutes=0"] if cfg.steps else []
-    command = [sys.executable, "train.py", cfg.recipe, f"--optimizer={optimizer}", f"--out_dir={out_dir}",
+    recipe = [cfg.recipe] if cfg.recipe else []  # --recipe= : train.py's own defaults (the GPU recipe)
+    command = [sys.executable, "train.py", *recipe, f"--optimizer={optimizer}", f"--out_dir={out_dir}",
                "--init_from=scratch", *budget, *cfg.flags.split()]
     print("$ " + " ".join(command[1:]), flush=True)
     t0 = time.time()
@@ -60,7 +61,7 @@ def main(argv=None):
         root = cfg.out_root or tmp
         results = {o: run_one(cfg, o, os.path.join(root, o)) for o in optimizers}
     budget = f"{cfg.minutes:g} min" if cfg.minutes else f"{cfg.steps or 'recipe'} steps"
-    print(f"\n{cfg.recipe}, {budget} {cfg.flags}".rstrip())
+    print(f"\n{cfg.recipe or 'train.py defaults'}, {budget} {cfg.flags}".rstrip())
     print(f"{'optimizer':<10} {'steps':>6} {'val loss':>9} {'val bpb':>8} {'train s':>8} {'wall s':>7}")
     for name, r in results.items():
         print(f"{name:<10} {r['iter']:>6} {r['val_loss']:>9.4f} {r['val_bpb']:>8.4f} {r.get('train_s', 0):>8.1f} "

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The checks only a CUDA GPU can run, in one go (about 8 minutes on an H100/H200):
+# The checks only a CUDA GPU can run, in one go (about 10 minutes on an H100/H200):
 #   bash benchmarks/gpu_check.sh DATA_DIR [OUT_DIR] [TEXT_FILE]
 # DATA_DIR holds GPT-2 tokens written by prepare.py; TEXT_FILE (TinyStories .txt) feeds bench_sample.py's checkpoint.
 # Each step has its own time limit and log, so one failure does not hide the others. Prints a summary at the end.
@@ -30,6 +30,10 @@ $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torc
 # The default recipe (8x512, bf16, torch.compile, fused AdamW): tokens/s and MFU once compiled
 step train_default 240 $PY train.py --data_dir="$DATA" --out_dir="$OUT/default" --max_iters=300 --eval_interval=300 \
   --eval_tokens=655360 --log_interval=20 --warmup_iters=100 --plot=True
+# AdamW against Muon at equal steps on the default recipe, before the sample overfits (item 4 of the quality issue):
+# val loss of each; tokens/s = 300 x 131,072 / train s
+step quality_adamw_muon 300 $PY benchmarks/bench_quality.py --recipe= --steps=300 --out_root="$OUT/quality" \
+  --flags="--data_dir=$DATA --eval_interval=300 --eval_tokens=655360 --log_interval=50 --warmup_iters=100 --plot=False"
 # The same without torch.compile, and fp16 with its GradScaler
 step train_eager 90 $PY train.py --data_dir="$DATA" --out_dir="$OUT/eager" --compile=False --max_iters=60 \
   --eval_interval=60 --eval_tokens=163840 --log_interval=20 --plot=False

@@ -150,6 +150,19 @@ def test_muon_learns(data_dir, tmp_path):
     assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 1.0
 
 
+def test_bench_quality_runs_each_optimizer_for_the_same_steps(data_dir, tmp_path):
+    flags = " ".join([f"--data_dir={data_dir}", *TINY, "--eval_interval=2"])
+    bench = subprocess.run([sys.executable, "benchmarks/bench_quality.py", "--recipe=", "--steps=2",
+                            f"--out_root={tmp_path}", f"--flags={flags}"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    table = bench.stdout.split("\ntrain.py defaults, 2 steps")[1].splitlines()[2:]
+    assert [row.split()[:2] for row in table] == [["adamw", "2"], ["muon", "2"]]
+    for row, optimizer in zip(table, ("adamw", "muon")):  # the figures are those of each run's own log
+        last = json.loads((tmp_path / optimizer / "log.jsonl").read_text().splitlines()[-1])
+        assert row.split()[2] == f"{last['val_loss']:.4f}"
+
+
 def test_help_says_which_parameters_each_optimizer_gets():
     from cli import config_help
 
