@@ -882,6 +882,7 @@ def pick_dtype(name, device):
     return name
 
 
+@functools.lru_cache(maxsize=None)  # the dtype probe and the MFU peak both ask for bf16's 256²: measured once
 def matmul_flops(dtype, size, repeats=3):
     """FLOP/s of a size x size matmul on the CPU in dtype, the best of a few (the global RNG is left alone)."""
     a = torch.rand(size, size, generator=torch.Generator().manual_seed(0)).to(dtype)

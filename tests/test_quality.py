@@ -367,8 +367,9 @@ def fast_bfloat16_matmuls(monkeypatch):
     return speeds
 
 
-def test_bfloat16_probe_times_matmuls_then_the_models_training_passes(monkeypatch, fast_bfloat16_matmuls):
-    passes, seconds = [], {torch.bfloat16: 0.5, torch.float32: 1.0}
+def stub_training_passes(monkeypatch, seconds):
+    """training_pass_s taking seconds[its dtype]; returns the list of passes asked for: (shape, dtype, chunked)."""
+    passes = []
 
     def timed_pass(model, idx, autocast, chunked_loss):
         dtype = autocast.fast_dtype if isinstance(autocast, torch.autocast) else torch.float32
@@ -376,6 +377,12 @@ def test_bfloat16_probe_times_matmuls_then_the_models_training_passes(monkeypatc
         return seconds[dtype]
 
     monkeypatch.setattr(train, "training_pass_s", timed_pass)
+    return passes
+
+
+def test_bfloat16_probe_times_matmuls_then_the_models_training_passes(monkeypatch, fast_bfloat16_matmuls):
+    seconds = {torch.bfloat16: 0.5, torch.float32: 1.0}
+    passes = stub_training_passes(monkeypatch, seconds)
     model = tiny_model()
     faster, measured = train.cpu_bfloat16_is_faster(model, 4)
     assert faster and measured == "a training pass of 4 x 16 tokens took 500 ms in bfloat16 against 1000 ms in float32"
@@ -425,8 +432,7 @@ def test_a_timed_training_pass_leaves_the_model_and_the_rng_as_they_were():
 def test_a_resumed_run_keeps_the_dtype_it_was_trained_in(data_dir, tmp_path, monkeypatch, capsys,
                                                        fast_bfloat16_matmuls):
     seconds = {torch.bfloat16: 0.5, torch.float32: 1.0}
-    monkeypatch.setattr(train, "training_pass_s", lambda model, idx, autocast, chunked_loss: seconds[
-        autocast.fast_dtype if isinstance(autocast, torch.autocast) else torch.float32])
+    stub_training_passes(monkeypatch, seconds)
     out = tmp_path / "out"
     run_train(data_dir, out, "--max_iters=2", "--eval_interval=2", "--dtype=auto")
     assert torch.load(out / "ckpt.pt", weights_only=True)["dtype"] == "bfloat16"
