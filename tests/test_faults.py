@@ -242,7 +242,7 @@ STORIES = ["Tom had a red ball. He liked to play with it in the park.",
            "Ben and Mia made a cake. It was sweet and they were happy."]
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4",
         "--gradient_accumulation_steps=1", "--eval_tokens=64", "--log_interval=1", "--warmup_iters=1",
-        "--learning_rate=1e-2", "--min_lr=1e-3", "--device=cpu", "--compile=False", "--plot=False",
+        "--learning_rate=1e-2", "--min_lr=1e-3", "--device=cpu", "--dtype=float32", "--compile=False", "--plot=False",
         "--peak_flops=1e12"]
 
 

@@ -20,9 +20,11 @@ from train import GPT, GPTConfig, TrainConfig, get_batch, get_lr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: these models are tiny
+# --dtype=float32: runs that tests compare (straight against resumed, DDP against one process) must train in the same
+# dtype, and auto times both on a CPU with fast bf16, where a close call could land either way
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
         "--gradient_accumulation_steps=2", "--eval_tokens=512", "--log_interval=1", "--warmup_iters=2",
-        "--learning_rate=3e-3", "--min_lr=3e-4", "--device=cpu", "--compile=False", "--plot=False"]
+        "--learning_rate=3e-3", "--min_lr=3e-4", "--device=cpu", "--dtype=float32", "--compile=False", "--plot=False"]
 
 
 def run_train(data_dir, out_dir, *flags):
