@@ -83,7 +83,7 @@ class TrainConfig:
     decay_lr: bool = True  # decay the learning rate after warmup; False keeps it constant
     lr_schedule: str = "cosine"  # cosine (over max_iters) or wsd (warmup, stable, then linear decay over decay_frac)
     warmup_iters: int = 200  # linear warmup steps
-    lr_decay_iters: int = 0  # step at which the decay (cosine or wsd) reaches min_lr; 0 means max_iters
+    lr_decay_iters: int = 0  # step at which the decay reaches min_lr; 0 means max_iters; unused with --max_minutes
     decay_frac: float = 0.2  # wsd: the last fraction of the run (steps, or minutes with --max_minutes) that decays
     min_lr: float = 1e-4  # floor of the decay (AdamW's; Muon's is as far below its peak), at most learning_rate
     # system
@@ -162,6 +162,10 @@ def validate(config):
         problems.append(f"--dropout must be in [0, 1), got {c.dropout}")
     if c.learning_rate <= 0 or c.max_iters < 0 or c.warmup_iters < 0 or c.grad_clip < 0:
         problems.append("--learning_rate must be > 0 and --max_iters, --warmup_iters, --grad_clip >= 0")
+    if c.weight_decay < 0:
+        problems.append(f"--weight_decay must be 0 (none) or more, got {c.weight_decay}")
+    if not (0 <= c.beta1 < 1 and 0 <= c.beta2 < 1):
+        problems.append(f"--beta1 and --beta2 must be in [0, 1), got {c.beta1} and {c.beta2}")
     if c.optimizer not in ("muon", "adamw"):
         problems.append(f"--optimizer must be muon or adamw, got {c.optimizer!r}")
     if c.muon_lr < 0 or not 0 <= c.muon_momentum < 1:
@@ -176,6 +180,8 @@ def validate(config):
         if c.min_lr > c.learning_rate:
             problems.append(f"--min_lr={c.min_lr:g} is above --learning_rate={c.learning_rate:g}, so the learning "
                             "rate would rise during 'decay'; lower --min_lr")
+        if c.min_lr < 0:
+            problems.append(f"--min_lr must be 0 or more (the floor of the decay), got {c.min_lr}")
         if c.lr_decay_iters < 0 or 0 < c.lr_decay_iters < c.warmup_iters:
             problems.append(f"--lr_decay_iters={c.lr_decay_iters} must be 0 (= max_iters) or at least "
                             f"--warmup_iters={c.warmup_iters}")
@@ -1104,7 +1110,7 @@ def main(argv=None):
 
     # model, optimizer, loss scaler: fresh, or exactly as they were saved
     iter_num, best_val_loss, elapsed_before, train_s, wandb_run_id = 0, float("inf"), 0.0, 0.0, None
-    resumed_dtype = None
+    resumed_dtype, budget_spent_s = None, 0.0
     if config.init_from == "resume":
         checkpoint = load_checkpoint(ckpt_path)
         model_args = checkpoint["model_args"]  # the architecture is the checkpoint's, whatever the flags say
@@ -1121,6 +1127,7 @@ def main(argv=None):
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
         elapsed_before = checkpoint.get("elapsed_s", 0.0)
         train_s = checkpoint.get("train_s", 0.0)  # training time already spent, for --max_minutes
+        budget_spent_s = checkpoint.get("budget_spent_s", 0.0)  # the largest budget it finished
         wandb_run_id = checkpoint.get("wandb_run_id")  # the resumed run logs into the same wandb run
         resumed_dtype = checkpoint.get("dtype")  # what it trained in (--dtype=auto keeps it on a CPU)
         optimized_with = checkpoint["config"].get("optimizer", "adamw")  # (checkpoints from before Muon: adamw)
@@ -1168,7 +1175,10 @@ def main(argv=None):
     if config.init_from == "resume":
         saved = checkpoint["optimizer"]
         for optimizer, state in zip(optimizers, saved if isinstance(saved, list) else [saved], strict=True):
-            optimizer.load_state_dict(state)
+            settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+            optimizer.load_state_dict(state)  # the moments, and the settings they were saved with,
+            for group, setting in zip(optimizer.param_groups, settings):
+                group.update(setting)  # which give way to this run's flags (--weight_decay, betas, momentum)
         if checkpoint["scaler"]:  # empty when the run that saved it did not scale (bf16, fp32)
             scaler.load_state_dict(checkpoint["scaler"])
         set_rng_state(checkpoint["rng"])  # rank 0's; the other ranks draw their own dropout masks again
@@ -1177,13 +1187,6 @@ def main(argv=None):
         del checkpoint
     if master and config.overwrite and os.path.exists(ckpt_path):  # asked to start over: the old run goes now,
         os.remove(ckpt_path)  # so that its checkpoint never meets this run's tokenizer.json or log
-    # a new run starts a new log; a resumed one drops the rows it will redo
-    if master and os.path.exists(log_path) and not config.eval_only:
-        with open(log_path, encoding="utf-8", errors="replace") as f:
-            kept = [line for line in f if log_row(line) and log_row(line)["iter"] < iter_num]
-        with open(log_path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(log_path + ".tmp", log_path)
     if master and meta.get("tokenizer_file") and not config.eval_only:
         # sample.py needs only out_dir: the tokenizer travels with ckpt.pt. A checkpoint already there was made with
         # this very tokenizer (a resume checked it above; a new run refused, or removed it for --overwrite), so
@@ -1217,6 +1220,7 @@ def main(argv=None):
             "rng": rng_state(),
             "elapsed_s": elapsed_before + time.time() - t_start,
             "train_s": train_s + time.time() - t_last if training_s is None else training_s,
+            "budget_spent_s": budget_spent_s,
             "tokens": iter_num * tokens_per_iter, "wandb_run_id": wandb_run.id if wandb_run else wandb_run_id,
         }
 
@@ -1232,9 +1236,10 @@ def main(argv=None):
 
     # How much of the run is done: steps out of max_iters, or with --max_minutes training time out of the budget.
     # Training time leaves out evaluations and, when compiling, the first step. The clock is read where the loop
-    # syncs anyway, every log_interval steps, and the time per step is extrapolated in between: so under DDP every
-    # process computes the same learning rate and stops after the same step, and the step whose learning rate has
-    # reached min_lr is the last one.
+    # syncs anyway, every log_interval steps (with a budget also 1, 2, 4, 8... steps after the start, so that a long
+    # log_interval does not leave the schedule without a time per step), and the time per step is extrapolated in
+    # between: so under DDP every process computes the same learning rate and stops after the same step, and the step
+    # whose learning rate has reached min_lr is the last one.
     budget_s = 60 * config.max_minutes
     clock_iter, clock_s_per_iter = iter_num, 0.0  # the last reading (train_s is its time)
 
@@ -1243,12 +1248,30 @@ def main(argv=None):
             return (train_s + (steps - clock_iter) * clock_s_per_iter) / budget_s
         return steps / max(1, config.lr_decay_iters or config.max_iters)
 
-    def finished(steps):
-        return fraction_done(steps) >= 1 if budget_s else steps >= config.max_iters
+    def finished(steps):  # a budget once finished stays so: the run stopped by the extrapolated clock, and the
+        if budget_s:  # time read after its last step may fall a little short of the budget
+            return budget_s <= budget_spent_s or fraction_done(steps) >= 1
+        return steps >= config.max_iters
+
+    def clock_due(steps):
+        since = steps - first_iter
+        return steps % config.log_interval == 0 or bool(budget_s and since & (since - 1) == 0)
 
     t_start = t_last = time.time()
     first_iter, iters_since_log = iter_num, 0
     done = finished(iter_num)
+    if done and budget_s:
+        budget_spent_s = max(budget_spent_s, budget_s)
+    # a new run starts a new log; a resumed one drops the rows it will redo (its evaluation at iter_num, if it makes
+    # that one again, and any after it)
+    if master and os.path.exists(log_path) and not config.eval_only:
+        redone = iter_num % config.eval_interval == 0 or done
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            kept = [line for line in f if log_row(line) and (log_row(line)["iter"] < iter_num or
+                                                             log_row(line)["iter"] == iter_num and not redone)]
+        with open(log_path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(log_path + ".tmp", log_path)
     while True:
         fraction = fraction_done(iter_num + 1)  # when the coming step ends
         scale = lr_scale(iter_num, fraction, config)
@@ -1311,12 +1334,15 @@ def main(argv=None):
         iter_num += 1
         iters_since_log += 1
         done = finished(iter_num)
+        if done and budget_s:
+            budget_spent_s = max(budget_spent_s, budget_s)
         if compile_model and iter_num == first_iter + 1:  # this step compiled the model: not training time
             loss.item()
             t_last, iters_since_log = time.time(), 0
 
-        if iters_since_log and (iter_num % config.log_interval == 0 or done):
-            loss_now = loss.item()  # a host-device sync, so only once per log_interval
+        read_clock = iters_since_log and (clock_due(iter_num) or done)
+        if read_clock:
+            loss_now = loss.item()  # a host-device sync, so only once per log_interval (and a few times at the start)
             if not math.isfinite(loss_now):
                 raise loss_not_finite(loss_now, iter_num, ckpt_path)
             now = time.time()
@@ -1324,6 +1350,7 @@ def main(argv=None):
             train_s += now - t_last
             t_last, iters_since_log = now, 0
             clock_iter, clock_s_per_iter = iter_num, dt
+        if read_clock and (iter_num % config.log_interval == 0 or done):
             tokens_per_s = tokens_per_iter / dt
             mfu = raw_model.estimate_mfu(tokens_per_s / world_size, peak_flops) if peak_flops else 0.0
             if budget_s:
@@ -1337,9 +1364,9 @@ def main(argv=None):
                                "tokens_per_s": tokens_per_s, "mfu": mfu}, step=iter_num)
 
         stop = bool(stop_requested)
-        if ddp:  # every process must stop after the same step and read the same clock: they agree every log_interval
+        if ddp:  # every process must stop after the same step and read the same clock: they agree at each reading
             stop = False
-            if iter_num % config.log_interval == 0:
+            if clock_due(iter_num):
                 agreed = torch.tensor([float(bool(stop_requested)), train_s, clock_s_per_iter],
                                       dtype=torch.float64, device=device)
                 torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)

@@ -126,15 +126,20 @@ def test_resume_is_exact_with_each_optimizer_and_wsd(data_dir, tmp_path, optimiz
         assert buffers and all(t.abs().sum() > 0 for t in buffers)
 
 
-def test_a_resumed_run_takes_the_learning_rates_of_its_flags(data_dir, tmp_path, capsys):
+def test_a_resumed_run_takes_the_learning_rates_and_settings_of_its_flags(data_dir, tmp_path, capsys):
     run_train(data_dir, tmp_path / "out", "--max_iters=2", "--eval_interval=2", "--decay_lr=False")
     capsys.readouterr()
     run_train(data_dir, tmp_path / "out", "--max_iters=4", "--eval_interval=2", "--decay_lr=False",
-              "--init_from=resume", "--learning_rate=1e-2", "--muon_lr=2e-2")
+              "--init_from=resume", "--learning_rate=1e-2", "--muon_lr=2e-2", "--weight_decay=0.3", "--beta1=0.8",
+              "--beta2=0.9", "--muon_momentum=0.7")
     assert [lr for _, lr in progress_lines(capsys.readouterr().out)] == [1e-2, 1e-2]
-    optimizers = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["optimizer"]
-    assert [g["lr"] for g in optimizers[0]["param_groups"]] == [1e-2, 1e-2]
-    assert [g["lr"] for g in optimizers[1]["param_groups"]] == [2e-2]
+    adamw, muon = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["optimizer"]
+    assert [g["lr"] for g in adamw["param_groups"]] == [1e-2, 1e-2]
+    assert [g["lr"] for g in muon["param_groups"]] == [2e-2]
+    # not the checkpoint's weight decay 0.1, betas (0.9, 0.95) and momentum 0.95, which the saved state carries
+    assert [g["weight_decay"] for g in adamw["param_groups"]] == [0.3, 0.0]
+    assert [tuple(g["betas"]) for g in adamw["param_groups"]] == [(0.8, 0.9)] * 2
+    assert [(g["weight_decay"], g["momentum"]) for g in muon["param_groups"]] == [(0.3, 0.7)]
 
 
 def test_resume_with_another_optimizer_is_refused(data_dir, tmp_path):
@@ -274,11 +279,11 @@ def work_clock(monkeypatch):
     import time
     import types
 
-    now = [1000.0]
+    now, costs = [1000.0], {"micro_batch_s": 0.05}  # a test may change the cost as it goes
     windows, evaluate = train.train_window_starts, train.estimate_loss
 
     def training(*args):
-        now[0] += 0.05
+        now[0] += costs["micro_batch_s"]
         return windows(*args)
 
     def evaluation(*args):
@@ -288,6 +293,7 @@ def work_clock(monkeypatch):
     monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: now[0], perf_counter=time.perf_counter))
     monkeypatch.setattr(train, "train_window_starts", training)
     monkeypatch.setattr(train, "estimate_loss", evaluation)
+    return costs
 
 
 def test_training_time_counts_every_step_when_evaluations_fall_between_progress_lines(data_dir, tmp_path, work_clock):
@@ -322,6 +328,55 @@ def test_an_interrupted_run_saves_the_training_time_up_to_its_last_step(data_dir
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert checkpoint["iter_num"] == 7
     assert checkpoint["train_s"] == pytest.approx(0.7)  # not 0.5, the clock at the last progress line
+
+
+def test_a_long_log_interval_still_stops_on_time_with_the_last_step_at_min_lr(data_dir, tmp_path, capsys,
+                                                                              work_clock):
+    # the clock is read 1, 2, 4, 8... steps after the start too, not only every log_interval: without those readings
+    # the schedule had no time per step, stayed at the peak and trained on to step 1,000
+    out = tmp_path / "out"
+    run_train(data_dir, out, "--max_minutes=0.019", "--log_interval=1000", "--eval_interval=100000",
+              "--lr_schedule=wsd", "--decay_frac=0.5")
+    assert progress_lines(capsys.readouterr().out) == [(12, pytest.approx(3e-4))]  # 1.14 s: 12 steps of 0.1 s
+    checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
+    assert checkpoint["iter_num"] == 12 and checkpoint["train_s"] == pytest.approx(1.2)
+
+
+def test_a_finished_budget_stays_finished_when_its_last_steps_ran_faster(data_dir, tmp_path, monkeypatch,
+                                                                         work_clock):
+    windows, calls = train.train_window_starts, []
+
+    def faster_after_ten_steps(*args):  # 0.1 s steps (work_clock's), then 0.05 s ones
+        calls.append(1)
+        work_clock["micro_batch_s"] = 0.05 if len(calls) <= 20 else 0.025
+        return windows(*args)
+
+    monkeypatch.setattr(train, "train_window_starts", faster_after_ten_steps)
+    out = tmp_path / "out"
+    flags = ["--max_minutes=0.019", "--log_interval=5", "--eval_interval=100000"]
+    run_train(data_dir, out, *flags)
+    first = torch.load(out / "ckpt.pt", weights_only=True)
+    # read at step 10 (1.0 s at 0.1 s a step), the clock foresaw the budget's 1.14 s spent after step 12; the
+    # faster steps spent 1.1 s. The run is finished all the same: its resume with the same budget trains no more.
+    assert first["iter_num"] == 12 and first["train_s"] == pytest.approx(1.1)
+    run_train(data_dir, out, "--init_from=resume", *flags)
+    again = torch.load(out / "ckpt.pt", weights_only=True)
+    assert again["iter_num"] == 12 and again["train_s"] == pytest.approx(1.1)
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [row["iter"] for row in rows] == [0, 12]  # evaluated again at 12: one row, not two
+    run_train(data_dir, out, "--init_from=resume", *flags[1:], "--max_minutes=0.032")  # a larger one trains on:
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 12 + 17  # 1.92 s in all, 0.05 s steps
+
+
+def test_a_resumed_run_keeps_the_log_rows_it_does_not_redo(data_dir, tmp_path):
+    out = tmp_path / "out"
+    run_train(data_dir, out, "--max_iters=5", "--eval_interval=2")
+    run_train(data_dir, out, "--max_iters=7", "--eval_interval=2", "--init_from=resume")
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [row["iter"] for row in rows] == [0, 2, 4, 5, 6, 7]  # 5 was the first run's last evaluation
+    run_train(data_dir, out, "--max_iters=7", "--eval_interval=2", "--init_from=resume")  # done: evaluates 7 again
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [row["iter"] for row in rows] == [0, 2, 4, 5, 6, 7]
 
 
 def test_ddp_processes_stop_after_the_same_step_on_a_budget(data_dir, tmp_path):

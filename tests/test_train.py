@@ -255,6 +255,10 @@ def test_weight_decay_only_on_matrices():
     (["--init_from=other"], "--init_from must be 'scratch' or 'resume'"),
     (["--dtype=float8"], "--dtype must be auto, float32, bfloat16 or float16"),
     (["--batch_size=0"], "--batch_size must be at least 1"),
+    (["--min_lr=-1e-3"], "--min_lr must be 0 or more"),  # torch would train at a negative learning rate
+    (["--weight_decay=-0.1"], "--weight_decay must be 0 (none) or more"),  # torch: a traceback
+    (["--beta1=1.5"], "--beta1 and --beta2 must be in [0, 1)"),
+    (["--beta2=1"], "--beta1 and --beta2 must be in [0, 1)"),
     (["--lr=1"], "unknown setting 'lr'"),
     (["--device=tpu"], "unknown device 'tpu'"),
 ])
