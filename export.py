@@ -111,18 +111,29 @@ EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "m
                 "tokenizer.json", "tokenizer_config.json", "README.md")
 
 
+EXPORT_MARK = "exported by slm's `export.py`"  # in every model card an export writes
+
+
 def replaceable(path):
     """
     A folder the export may write its files into: one that holds none of them (empty, or a fresh clone of a Hugging
-    Face repo: its .git and other files are left alone), or an earlier export (config.json and model.safetensors),
-    never a training run (--hf_dir=out by mistake) nor a folder whose own config.json or README.md they would replace.
+    Face repo: its .git and other files are left alone), or an earlier export (config.json and model.safetensors, and
+    the model card export.py wrote), never a training run (--hf_dir=out by mistake) nor a folder whose own config.json
+    or README.md they would replace (another model downloaded from the hub, say).
     """
     if not os.path.isdir(path):
         return False
     names = set(os.listdir(path))
     if "ckpt.pt" in names:
         return False
-    return {"config.json", "model.safetensors"} <= names or not names & set(EXPORT_FILES)
+    if not names & set(EXPORT_FILES):
+        return True
+    try:
+        with open(os.path.join(path, "README.md"), encoding="utf-8", errors="replace") as f:
+            card = f.read()
+    except OSError:
+        return False
+    return {"config.json", "model.safetensors"} <= names and EXPORT_MARK in card
 
 
 # -----------------------------------------------------------------------------
@@ -263,7 +274,7 @@ tags: [gpt2, slm, tinystories]
 
 A GPT-2-architecture language model ({args["n_layer"]} layers, {args["n_head"]} heads, width {args["n_embd"]},
 context {args["block_size"]} tokens, {"with" if args["bias"] else "without"} biases) trained from scratch with
-slm on `{config.get("data_dir")}`, and exported by slm's `export.py`: its logits equal the original checkpoint's.
+slm on `{config.get("data_dir")}`, and {EXPORT_MARK}: its logits equal the original checkpoint's.
 
 - Tokenizer: `{meta["tokenizer"]}` ({meta["vocab_size"]:,} tokens; end of text `{EOT_TEXT}` = id {meta["eot_token"]},
   which ends each story). Text that spells `{EOT_TEXT}` is ordinary text, as in training.

@@ -153,7 +153,8 @@ def _load_tiktoken_gpt2():
 #   any other .txt  the text between blank lines (a blank line holds nothing but spaces or tabs).
 # In .txt files, the line breaks at the start and end of a story belong to the separator and are dropped; everything
 # else is kept. .txt files are read as text, so Windows '\r\n' line ends become '\n' (the same tokens as the file
-# saved with '\n'); the columnar formats keep every character as stored. Literal '<|endoftext|>' text stays text.
+# saved with '\n'), and a byte-order mark at the start (as Notepad writes) is dropped; the columnar formats keep every
+# character as stored. Literal '<|endoftext|>' text stays text. A --dataset of .txt files reads them the same way.
 
 
 @dataclasses.dataclass
@@ -175,8 +176,10 @@ class PrepareConfig:
 
 
 MIN_CHUNK_MB = 0.0001  # 100 bytes: the tests split tiny corpora into many chunks; below that is a mistake
-VERSION = 1  # bump when a change here changes the output for the same settings, so old outputs get rebuilt
+MAX_CHUNK_MB = 100_000  # 100 GB of text per worker at once: above that is a mistake
+VERSION = 2  # bump when a change here changes the output for the same settings, so old outputs get rebuilt
 BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+TXT_OPTIONS = dict(keep_linebreaks=True, encoding="utf-8-sig")  # rows of lines that read_stories puts together
 VAL_SPLITS = ("validation", "valid", "val")
 EOT_LINE = re.compile(r"^<\|endoftext\|>$\n?", re.MULTILINE)  # official TinyStories .txt: a line holding just that
 BLANK_LINES = re.compile(r"\n(?:[ \t]*\n)+")  # any other .txt: one or more blank lines
@@ -202,10 +205,16 @@ def main(argv=None):
         raise UserError("--val_files needs --train_files too (or leave both empty to use --dataset)")
     if cfg.num_workers < 0:
         raise UserError(f"--num_workers must be 0 (all cores) or more, got {cfg.num_workers}")
-    if cfg.chunk_mb < MIN_CHUNK_MB:
-        raise UserError(f"--chunk_mb must be at least {MIN_CHUNK_MB:g} (100 bytes), got {cfg.chunk_mb:g}; the "
-                        "default 4 suits most machines")
+    if not MIN_CHUNK_MB <= cfg.chunk_mb <= MAX_CHUNK_MB:
+        raise UserError(f"--chunk_mb must be from {MIN_CHUNK_MB:g} (100 bytes) to {MAX_CHUNK_MB:g}, got "
+                        f"{cfg.chunk_mb:g}; the default 4 suits most machines")
     train_files, val_files = find_files(cfg.train_files, "train_files"), find_files(cfg.val_files, "val_files")
+    both = sorted({os.path.realpath(f) for f in train_files} & {os.path.realpath(f) for f in val_files})
+    if both:
+        raise UserError(f"{both[0]} is in both --train_files and --val_files, so the model would be evaluated on "
+                        "stories it trained on: give each split its own files")
+    if not train_files and os.path.isfile(cfg.dataset):
+        raise UserError(f"--dataset={cfg.dataset} is a file: give local files with --train_files (and --val_files)")
     # Everything that decides the output, inputs included (local files by size, modification time and the sha256 of
     # their bytes, which catches a file replaced by one of the same size and time, as `cp -p` and rsync leave it),
     # so a re-run can tell that data_dir already holds exactly this without tokenizing the corpus.
@@ -292,11 +301,11 @@ def check_tokenizer(cfg):
     """The vocabulary size the tokenizer will have and the dtype that holds it, checked before any work is done."""
     if cfg.tokenizer == "gpt2":
         vocab_size = 50257
-    elif re.fullmatch(r"bpe:\d+", cfg.tokenizer) and int(cfg.tokenizer[4:]) >= 257:
+    elif re.fullmatch(r"bpe:\d+", cfg.tokenizer) and 257 <= int(cfg.tokenizer[4:]) <= 1_000_000:
         vocab_size = int(cfg.tokenizer[4:])
     else:
-        raise UserError(f"unknown --tokenizer={cfg.tokenizer}: use gpt2 or bpe:N with N >= 257 (256 bytes + "
-                        "end-of-text), for example bpe:4096")
+        raise UserError(f"unknown --tokenizer={cfg.tokenizer}: use gpt2 or bpe:N with N from 257 (256 bytes + "
+                        "end-of-text) to 1,000,000, for example bpe:4096")
     fits16 = vocab_size <= 65536  # ids 0 to 65,535
     if cfg.dtype not in ("auto", "uint16", "uint32"):
         raise UserError(f"unknown --dtype={cfg.dtype}: use auto, uint16 or uint32")
@@ -368,6 +377,8 @@ def load_sources(cfg, train_files, val_files, sha256, local_dataset):
 
     def prepare_splits(path, what, column, **options):
         builder = datasets.load_dataset_builder(path, cache_dir=cfg.cache_dir or None, **options)
+        if builder.name == "text" and not options:  # a dataset (a folder, say) of .txt files, which it read as a row
+            return prepare_splits(path, what, column, **TXT_OPTIONS)  # per line: as --train_files reads them instead
         if hasattr(builder.config, "fragment_scan_options"):
             # parquet: Arrow's pre-buffering kept read buffers alive, and memory grew with the file (+170 MB at 500 MB)
             from pyarrow.dataset import ParquetFragmentScanOptions
@@ -385,14 +396,14 @@ def load_sources(cfg, train_files, val_files, sha256, local_dataset):
         for split, info in builder.info.splits.items():
             files = filenames_for_dataset_split(builder.cache_dir, builder.dataset_name, split, "arrow",
                                                 info.shard_lengths)
-            splits[split] = (files, info.num_examples, column, path == "text")
+            splits[split] = (files, info.num_examples, column, builder.name == "text")
         return splits
 
     def prepare_file(path):
         builder = BUILDERS[os.path.splitext(path)[1].lower()]
         content = "sha256-" + sha256[os.path.abspath(path)]  # the cache entry of exactly these bytes
         if builder == "text":  # a row per line, line breaks kept: read_stories puts the stories together
-            return prepare_splits("text", path, "text", name=content, data_files=[path], keep_linebreaks=True)["train"]
+            return prepare_splits("text", path, "text", name=content, data_files=[path], **TXT_OPTIONS)["train"]
         return prepare_splits(builder, path, cfg.text_column, name=content, data_files=[path])["train"]
 
     try:
@@ -414,7 +425,7 @@ def load_sources(cfg, train_files, val_files, sha256, local_dataset):
             f"cannot reach the Hugging Face hub to load {cfg.dataset} ({str(e).splitlines()[0]}). Offline, give local "
             "files: --train_files=TinyStories-train.txt --val_files=TinyStories-valid.txt; tiktoken's gpt2 also needs "
             "its files cached (set TIKTOKEN_CACHE_DIR) or use --tokenizer=bpe:N") from None
-    except datasets.exceptions.DatasetNotFoundError as e:
+    except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as e:  # (a local path: FileNotFoundError)
         raise UserError(f"{str(e).splitlines()[0]}; check --dataset, or give local files with --train_files") from None
     except datasets.data_files.EmptyDatasetError as e:
         raise UserError(f"{str(e).splitlines()[0]}: give --dataset a folder of .parquet, .json(l) or .txt files, or "

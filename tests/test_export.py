@@ -231,15 +231,20 @@ def test_unwritable_hf_dir_is_a_one_line_error(tmp_path, capsys):
     assert "error: cannot write to --hf_dir=" in err and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("where", ["out_dir", "folder", "file"])
+@pytest.mark.parametrize("where", ["out_dir", "folder", "another model", "file"])
 def test_what_is_not_an_earlier_export_is_never_replaced(tmp_path, where):
     out_dir = str(tmp_path / "out")
     make_checkpoint(out_dir, "bpe")
-    hf_dir = {"out_dir": out_dir, "folder": str(tmp_path / "notes"), "file": str(tmp_path / "notes.txt")}[where]
-    if where == "folder":  # a folder whose own config.json the export would replace
+    hf_dir = {"out_dir": out_dir, "folder": str(tmp_path / "notes"), "another model": str(tmp_path / "llama"),
+              "file": str(tmp_path / "notes.txt")}[where]
+    if where in ("folder", "another model"):  # a folder whose own config.json the export would replace
         os.makedirs(hf_dir)
         with open(os.path.join(hf_dir, "config.json"), "w") as f:
             f.write('{"mine": true}')
+    if where == "another model":  # weights and a model card too, as a model downloaded from the hub has them
+        for name, text in (("model.safetensors", "weights"), ("README.md", "# my own model card")):
+            with open(os.path.join(hf_dir, name), "w") as f:
+                f.write(text)
     elif where == "file":
         open(hf_dir, "w").close()
     before = {path: sorted(files) for path, _, files in os.walk(tmp_path)}

@@ -191,6 +191,29 @@ def test_hub_code_path_offline_on_a_local_dataset_folder(tmp_path):
     assert meta["train"]["stories"] + meta["val"]["stories"] == 300 and meta["val"]["stories"] > 0
 
 
+@pytest.mark.parametrize("kind", ["official.txt", "blank-lines.txt"])
+def test_a_dataset_folder_of_txt_files_splits_stories_as_local_files_do(tmp_path, kind):
+    # datasets reads a folder of .txt files as a row per line: the stories must come out whole all the same
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    for name, stories in (("train.txt", STORIES), ("validation.txt", ["Val story,\nover two lines."])):
+        if kind == "official.txt":
+            write_official_txt(hub / name, stories)
+        else:
+            write_blank_line_txt(hub / name, [s.replace("\r\n", "\n") for s in stories])
+    run(tmp_path, f"--dataset={hub}")
+    assert np.array_equal(tokens(tmp_path / "out", "train"), gpt2_ids(TXT_STORIES))
+    assert np.array_equal(tokens(tmp_path / "out", "val"), gpt2_ids(["Val story,\nover two lines."]))
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_story(tmp_path):
+    write_official_txt(tmp_path / "plain.txt", STORIES)
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "plain.txt").read_bytes())  # as Notepad saves
+    write_official_txt(tmp_path / "val.txt", ["Val story."])
+    run(tmp_path, f"--train_files={tmp_path / 'bom.txt'}", f"--val_files={tmp_path / 'val.txt'}")
+    assert np.array_equal(tokens(tmp_path / "out", "train"), gpt2_ids(TXT_STORIES))
+
+
 # -----------------------------------------------------------------------------
 # re-runs and crashes
 
@@ -360,11 +383,18 @@ def test_errors_for_bad_files_columns_and_splits(tmp_path):
     write_official_txt(tmp_path / "train.txt", STORIES)
     message = error_of(tmp_path, f"--train_files={tmp_path / 'train.txt'}", "--val_fraction=0")
     assert message.startswith("the val split is empty") and "raise --val_fraction" in message
+    message = error_of(tmp_path, f"--train_files={tmp_path / '*.txt'}", f"--val_files={tmp_path / 'val.txt'}")
+    assert message.startswith(f"{tmp_path / 'val.txt'} is in both --train_files and --val_files")
+    assert "is a file: give local files with --train_files" in error_of(tmp_path, f"--dataset={tmp_path / 'train.txt'}")
+    message = error_of(tmp_path, f"--dataset={tmp_path / 'no-such-folder'}")
+    assert "check --dataset, or give local files with --train_files" in message
     assert not (tmp_path / "out" / "meta.json").exists() and not os.listdir(tmp_path / "out")
 
 
 def test_errors_for_settings_output_and_hub(tmp_path):
     assert "unknown --tokenizer=bpe:100" in error_of(tmp_path, "--tokenizer=bpe:100")
+    assert "to 1,000,000" in error_of(tmp_path, "--tokenizer=bpe:99999999999999999999")  # (the trainer: overflow)
+    assert "--chunk_mb must be from" in error_of(tmp_path, "--chunk_mb=1e308")
     message = error_of(tmp_path, "--tokenizer=bpe:70000", "--dtype=uint16")
     assert message == ("a vocabulary of 70,000 tokens is too big for --dtype=uint16 (ids up to 65,535): use "
                        "--dtype=uint32 or auto")
