@@ -205,9 +205,12 @@ def main(argv=None):
         raise UserError("--val_files needs --train_files too (or leave both empty to use --dataset)")
     if cfg.num_workers < 0:
         raise UserError(f"--num_workers must be 0 (all cores) or more, got {cfg.num_workers}")
-    if not MIN_CHUNK_MB <= cfg.chunk_mb <= MAX_CHUNK_MB:
-        raise UserError(f"--chunk_mb must be from {MIN_CHUNK_MB:g} (100 bytes) to {MAX_CHUNK_MB:g}, got "
-                        f"{cfg.chunk_mb:g}; the default 4 suits most machines")
+    if cfg.chunk_mb < MIN_CHUNK_MB:
+        raise UserError(f"--chunk_mb must be at least {MIN_CHUNK_MB:g} (100 bytes), got {cfg.chunk_mb:g}; the "
+                        "default 4 suits most machines")
+    if cfg.chunk_mb > MAX_CHUNK_MB:
+        raise UserError(f"--chunk_mb must be at most {MAX_CHUNK_MB:,} (100 GB), got {cfg.chunk_mb:g}; the default 4 "
+                        "suits most machines")
     train_files, val_files = find_files(cfg.train_files, "train_files"), find_files(cfg.val_files, "val_files")
     both = sorted({os.path.realpath(f) for f in train_files} & {os.path.realpath(f) for f in val_files})
     if both:
@@ -425,11 +428,11 @@ def load_sources(cfg, train_files, val_files, sha256, local_dataset):
             f"cannot reach the Hugging Face hub to load {cfg.dataset} ({str(e).splitlines()[0]}). Offline, give local "
             "files: --train_files=TinyStories-train.txt --val_files=TinyStories-valid.txt; tiktoken's gpt2 also needs "
             "its files cached (set TIKTOKEN_CACHE_DIR) or use --tokenizer=bpe:N") from None
-    except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as e:  # (a local path: FileNotFoundError)
-        raise UserError(f"{str(e).splitlines()[0]}; check --dataset, or give local files with --train_files") from None
-    except datasets.data_files.EmptyDatasetError as e:
+    except datasets.data_files.EmptyDatasetError as e:  # (a FileNotFoundError: before the clause below)
         raise UserError(f"{str(e).splitlines()[0]}: give --dataset a folder of .parquet, .json(l) or .txt files, or "
                         "use --train_files") from None
+    except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as e:  # (a local path: FileNotFoundError)
+        raise UserError(f"{str(e).splitlines()[0]}; check --dataset, or give local files with --train_files") from None
     except (datasets.exceptions.DatasetGenerationError, pa.ArrowException) as e:  # a malformed local file
         cause = str(e.__cause__ or e).splitlines()[0]
         raise UserError(f"datasets could not read the files ({cause}); check that they are valid") from None

@@ -394,7 +394,7 @@ def test_errors_for_bad_files_columns_and_splits(tmp_path):
 def test_errors_for_settings_output_and_hub(tmp_path):
     assert "unknown --tokenizer=bpe:100" in error_of(tmp_path, "--tokenizer=bpe:100")
     assert "to 1,000,000" in error_of(tmp_path, "--tokenizer=bpe:99999999999999999999")  # (the trainer: overflow)
-    assert "--chunk_mb must be from" in error_of(tmp_path, "--chunk_mb=1e308")
+    assert "--chunk_mb must be at most 100,000" in error_of(tmp_path, "--chunk_mb=1e308")
     message = error_of(tmp_path, "--tokenizer=bpe:70000", "--dtype=uint16")
     assert message == ("a vocabulary of 70,000 tokens is too big for --dtype=uint16 (ids up to 65,535): use "
                        "--dtype=uint32 or auto")
