@@ -126,14 +126,13 @@ def replaceable(path):
     names = set(os.listdir(path))
     if "ckpt.pt" in names:
         return False
-    if not names & set(EXPORT_FILES):
-        return True
+    if not {"config.json", "model.safetensors", "README.md"} <= names:
+        return not names & set(EXPORT_FILES)
     try:
         with open(os.path.join(path, "README.md"), encoding="utf-8", errors="replace") as f:
-            card = f.read()
-    except OSError:
+            return EXPORT_MARK in f.read()
+    except OSError:  # (a folder named README.md, say)
         return False
-    return {"config.json", "model.safetensors"} <= names and EXPORT_MARK in card
 
 
 # -----------------------------------------------------------------------------

@@ -380,8 +380,8 @@ def load_sources(cfg, train_files, val_files, sha256, local_dataset):
 
     def prepare_splits(path, what, column, **options):
         builder = datasets.load_dataset_builder(path, cache_dir=cfg.cache_dir or None, **options)
-        if builder.name == "text" and not options:  # a dataset (a folder, say) of .txt files, which it read as a row
-            return prepare_splits(path, what, column, **TXT_OPTIONS)  # per line: as --train_files reads them instead
+        if builder.name == "text" and not builder.config.keep_linebreaks:  # .txt files, local or a dataset's: a row
+            return prepare_splits(path, what, column, **options, **TXT_OPTIONS)  # per line, which read_stories joins
         if hasattr(builder.config, "fragment_scan_options"):
             # parquet: Arrow's pre-buffering kept read buffers alive, and memory grew with the file (+170 MB at 500 MB)
             from pyarrow.dataset import ParquetFragmentScanOptions
@@ -405,9 +405,8 @@ def load_sources(cfg, train_files, val_files, sha256, local_dataset):
     def prepare_file(path):
         builder = BUILDERS[os.path.splitext(path)[1].lower()]
         content = "sha256-" + sha256[os.path.abspath(path)]  # the cache entry of exactly these bytes
-        if builder == "text":  # a row per line, line breaks kept: read_stories puts the stories together
-            return prepare_splits("text", path, "text", name=content, data_files=[path], **TXT_OPTIONS)["train"]
-        return prepare_splits(builder, path, cfg.text_column, name=content, data_files=[path])["train"]
+        column = "text" if builder == "text" else cfg.text_column  # (the text builder's one column)
+        return prepare_splits(builder, path, column, name=content, data_files=[path])["train"]
 
     try:
         if train_files:

@@ -1220,7 +1220,7 @@ def main(argv=None):
             "rng": rng_state(),
             "elapsed_s": elapsed_before + time.time() - t_start,
             "train_s": train_s + time.time() - t_last if training_s is None else training_s,
-            "budget_spent_s": budget_spent_s,
+            "budget_spent_s": max(budget_spent_s, budget_s if done else 0.0),  # the largest budget it finished
             "tokens": iter_num * tokens_per_iter, "wandb_run_id": wandb_run.id if wandb_run else wandb_run_id,
         }
 
@@ -1260,15 +1260,14 @@ def main(argv=None):
     t_start = t_last = time.time()
     first_iter, iters_since_log = iter_num, 0
     done = finished(iter_num)
-    if done and budget_s:
-        budget_spent_s = max(budget_spent_s, budget_s)
     # a new run starts a new log; a resumed one drops the rows it will redo (its evaluation at iter_num, if it makes
     # that one again, and any after it)
     if master and os.path.exists(log_path) and not config.eval_only:
         redone = iter_num % config.eval_interval == 0 or done
         with open(log_path, encoding="utf-8", errors="replace") as f:
-            kept = [line for line in f if log_row(line) and (log_row(line)["iter"] < iter_num or
-                                                             log_row(line)["iter"] == iter_num and not redone)]
+            rows = [(line, log_row(line)) for line in f]
+        kept = [line for line, row in rows
+                if row and (row["iter"] < iter_num or row["iter"] == iter_num and not redone)]
         with open(log_path + ".tmp", "w", encoding="utf-8") as f:
             f.writelines(kept)
         os.replace(log_path + ".tmp", log_path)
@@ -1334,8 +1333,6 @@ def main(argv=None):
         iter_num += 1
         iters_since_log += 1
         done = finished(iter_num)
-        if done and budget_s:
-            budget_spent_s = max(budget_spent_s, budget_s)
         if compile_model and iter_num == first_iter + 1:  # this step compiled the model: not training time
             loss.item()
             t_last, iters_since_log = time.time(), 0
