@@ -185,6 +185,8 @@ def validate(config):
         if c.lr_decay_iters < 0 or 0 < c.lr_decay_iters < c.warmup_iters:
             problems.append(f"--lr_decay_iters={c.lr_decay_iters} must be 0 (= max_iters) or at least "
                             f"--warmup_iters={c.warmup_iters}")
+    if c.peak_flops < 0:
+        problems.append(f"--peak_flops must be 0 (look it up or measure it) or more, got {c.peak_flops}")
     if c.dtype not in ("auto", "float32", "bfloat16", "float16"):
         problems.append(f"--dtype must be auto, float32, bfloat16 or float16, got {c.dtype!r}")
     if str(c.compile).lower() not in ("auto", "true", "false"):
@@ -1110,10 +1112,13 @@ def main(argv=None):
 
     # model, optimizer, loss scaler: fresh, or exactly as they were saved
     iter_num, best_val_loss, elapsed_before, train_s, wandb_run_id = 0, float("inf"), 0.0, 0.0, None
-    resumed_dtype, budget_spent_s = None, 0.0
+    resumed_dtype, budget_spent_s, tokens_before = None, 0.0, 0
     if config.init_from == "resume":
         checkpoint = load_checkpoint(ckpt_path)
-        model_args = checkpoint["model_args"]  # the architecture is the checkpoint's, whatever the flags say
+        # the architecture is the checkpoint's, whatever the flags say; dropout, a training setting, is the flags'
+        model_args = {**checkpoint["model_args"], "dropout": config.dropout}
+        if checkpoint["model_args"].get("dropout", 0.0) != config.dropout and not config.eval_only:
+            say(f"dropout {checkpoint['model_args'].get('dropout', 0.0)} -> {config.dropout} (--dropout)")
         if checkpoint["meta"].get("tokenizer") != meta.get("tokenizer"):
             raise UserError(f"{ckpt_path} was trained on {checkpoint['meta'].get('tokenizer')} tokens but "
                             f"{config.data_dir} holds {meta.get('tokenizer')} tokens: use the same --data_dir")
@@ -1128,6 +1133,7 @@ def main(argv=None):
         elapsed_before = checkpoint.get("elapsed_s", 0.0)
         train_s = checkpoint.get("train_s", 0.0)  # training time already spent, for --max_minutes
         budget_spent_s = checkpoint.get("budget_spent_s", 0.0)  # the largest budget it finished
+        tokens_before = checkpoint["tokens"]  # trained on so far: where this run's windows continue the stream
         wandb_run_id = checkpoint.get("wandb_run_id")  # the resumed run logs into the same wandb run
         resumed_dtype = checkpoint.get("dtype")  # what it trained in (--dtype=auto keeps it on a CPU)
         optimized_with = checkpoint["config"].get("optimizer", "adamw")  # (checkpoints from before Muon: adamw)
@@ -1164,6 +1170,10 @@ def main(argv=None):
     say(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.flops_per_token() / 1e6:.0f} MFLOP/token")
     grad_accum = 1 if config.eval_only else micro_steps_per_process(config, block_size, world_size)
     tokens_per_iter = grad_accum * world_size * config.batch_size * block_size
+    resumed_at = iter_num  # a resume may change the tokens per step: its steps count on from tokens_before
+
+    def tokens_seen(steps):
+        return tokens_before + (steps - resumed_at) * tokens_per_iter
     if not config.eval_only:
         say(f"{grad_accum} micro-step(s) of {config.batch_size} x {block_size} per process: "
             f"{tokens_per_iter:,} tokens/iter")
@@ -1221,10 +1231,11 @@ def main(argv=None):
             "elapsed_s": elapsed_before + time.time() - t_start,
             "train_s": train_s + time.time() - t_last if training_s is None else training_s,
             "budget_spent_s": max(budget_spent_s, budget_s if done else 0.0),  # the largest budget it finished
-            "tokens": iter_num * tokens_per_iter, "wandb_run_id": wandb_run.id if wandb_run else wandb_run_id,
+            "tokens": tokens_seen(iter_num), "wandb_run_id": wandb_run.id if wandb_run else wandb_run_id,
         }
 
-    # Ctrl-C finishes the current step, saves a checkpoint and exits; a second Ctrl-C stops at once
+    # Ctrl-C (or SIGTERM: a scheduler's or a container's stop) finishes the current step, saves a checkpoint and
+    # exits; a second Ctrl-C stops at once. --eval_only has nothing to save: Ctrl-C stops it at once.
     stop_requested, interrupted = [], None
 
     def request_stop(signum, frame):
@@ -1232,7 +1243,13 @@ def main(argv=None):
         if not ddp:  # torchrun's agent repeats the signal to every worker: under DDP a repeat must not kill it
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    signal.signal(signal.SIGINT, request_stop)
+    if not config.eval_only:
+        signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGTERM, request_stop)
+    # Under DDP the processes vote on stopping after every step, on a CPU (gloo) group and asynchronously: each
+    # reads the previous step's vote, long since counted, so all stop after the same step, and no GPU waits for it
+    stop_group = torch.distributed.new_group(backend="gloo") if ddp else None
+    stop_vote, stop_counted = torch.zeros(1), None
 
     # How much of the run is done: steps out of max_iters, or with --max_minutes training time out of the budget.
     # Training time leaves out evaluations and, when compiling, the first step. The clock is read where the loop
@@ -1292,7 +1309,7 @@ def main(argv=None):
                 break
             if not all(math.isfinite(v) for v in losses.values()):
                 raise loss_not_finite(losses["val"], iter_num, ckpt_path)
-            row = {"iter": iter_num, "tokens": iter_num * tokens_per_iter, "train_loss": losses["train"],
+            row = {"iter": iter_num, "tokens": tokens_seen(iter_num), "train_loss": losses["train"],
                    "val_loss": losses["val"], "val_bpb": val_bpb, "lr": lr,
                    "elapsed_s": round(elapsed_before + time.time() - t_start, 3), "train_s": round(training_s, 3)}
             with open(log_path, "a", encoding="utf-8") as f:
@@ -1316,7 +1333,7 @@ def main(argv=None):
         for micro_step in range(grad_accum):
             if ddp:  # average gradients across processes once, on the last micro-step
                 train_model.require_backward_grad_sync = micro_step == grad_accum - 1
-            first = ((iter_num * world_size + rank) * grad_accum + micro_step) * config.batch_size
+            first = tokens_seen(iter_num) // block_size + (rank * grad_accum + micro_step) * config.batch_size
             x, y = batch("train", train_window_starts(config.seed, first, config.batch_size, meta["train"]["tokens"],
                                                       block_size))
             with autocast:
@@ -1357,18 +1374,27 @@ def main(argv=None):
             say(f"iter {iter_num}{so_far} | loss {loss_now:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | "
                 f"{tokens_per_s:,.0f} tok/s | mfu {mfu * 100:.1f}% | eta {int(eta // 60)}m{int(eta % 60):02d}s")
             if wandb_run:
-                wandb_run.log({"iter": iter_num, "tokens": iter_num * tokens_per_iter, "loss": loss_now, "lr": lr,
+                wandb_run.log({"iter": iter_num, "tokens": tokens_seen(iter_num), "loss": loss_now, "lr": lr,
                                "tokens_per_s": tokens_per_s, "mfu": mfu}, step=iter_num)
 
         stop = bool(stop_requested)
         if ddp:  # every process must stop after the same step and read the same clock: they agree at each reading
             stop = False
+            if stop_counted is not None:
+                stop_counted.wait()
+                stop = stop_vote.item() > 0
             if clock_due(iter_num):
-                agreed = torch.tensor([float(bool(stop_requested)), train_s, clock_s_per_iter],
-                                      dtype=torch.float64, device=device)
+                agreed = torch.tensor([float(stop), train_s, clock_s_per_iter], dtype=torch.float64, device=device)
                 torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
                 stop = agreed[0].item() > 0
                 train_s, clock_s_per_iter = agreed[1].item(), agreed[2].item()  # all keep the agreed clock
+            stop_counted = None
+            if not stop:
+                stop_vote.fill_(float(bool(stop_requested)))
+                stop_counted = torch.distributed.all_reduce(stop_vote, op=torch.distributed.ReduceOp.MAX,
+                                                            group=stop_group, async_op=True)
+        if stop and not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+            raise loss_not_finite(float("nan"), iter_num, ckpt_path)  # never saved over the last good checkpoint
         if stop:
             interrupted = f"stopped at iter {iter_num}"
             if master:
@@ -1380,7 +1406,10 @@ def main(argv=None):
                 else:
                     interrupted = f"stopped at iter {iter_num}, before any checkpoint was saved"
             break
+    if stop_counted is not None:  # the last step's vote, which every process cast
+        stop_counted.wait()
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     if wandb_run:
         wandb_run.finish()

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -259,6 +260,7 @@ def test_weight_decay_only_on_matrices():
     (["--weight_decay=-0.1"], "--weight_decay must be 0 (none) or more"),  # torch: a traceback
     (["--beta1=1.5"], "--beta1 and --beta2 must be in [0, 1)"),
     (["--beta2=1"], "--beta1 and --beta2 must be in [0, 1)"),
+    (["--peak_flops=-1e9"], "--peak_flops must be 0"),  # it printed a negative MFU
     (["--lr=1"], "unknown setting 'lr'"),
     (["--device=tpu"], "unknown device 'tpu'"),
 ])
@@ -498,13 +500,14 @@ def test_help_documents_every_field():
         assert len(line.split(None, 1)[1]) > 5, line
 
 
-def test_ctrl_c_saves_a_checkpoint(data_dir, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])  # SIGTERM: a scheduler's or container's stop
+def test_ctrl_c_saves_a_checkpoint(data_dir, tmp_path, signum):
     out = tmp_path / "out"
     proc = _cli(f"--data_dir={data_dir}", f"--out_dir={out}", *TINY, "--max_iters=100000", "--eval_interval=100000")
     for line in proc.stdout:
         if line.startswith("iter 3/"):
             break
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     rest, err = proc.communicate(timeout=120)
     checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
     assert checkpoint["iter_num"] >= 3
@@ -558,3 +561,77 @@ def test_torchrun_takes_no_device_index(data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(UserError, match="under torchrun --device must be auto, cuda or cpu"):
         train.main([f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--device=cuda:1"])
+
+
+def test_ctrl_c_never_saves_weights_that_are_not_finite(data_dir, tmp_path):
+    """Ctrl-C between progress lines, after the weights blew up: the last good checkpoint stays."""
+    out = tmp_path / "out"
+    run_train(data_dir, out, "--max_iters=4", "--eval_interval=4")
+    good = (out / "ckpt.pt").read_bytes()
+    proc = _cli(f"--data_dir={data_dir}", f"--out_dir={out}", *TINY, "--init_from=resume", "--max_iters=100000",
+                "--eval_interval=100000", "--log_interval=100000", "--learning_rate=1e30", "--warmup_iters=0",
+                "--decay_lr=False")
+    for line in proc.stdout:
+        if line.startswith("optimizer"):
+            break
+    time.sleep(3)  # hundreds of steps at a learning rate of 1e30
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    assert "the loss became nan" in err and "keeps the last good checkpoint" in err
+    assert (out / "ckpt.pt").read_bytes() == good
+
+
+def test_ctrl_c_under_ddp_stops_after_the_next_step(data_dir, tmp_path):
+    """The processes agree on stopping at every step, not only at progress lines, which may be far apart."""
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train.py", f"--data_dir={data_dir}", f"--out_dir={out}", *TINY,
+                             "--max_iters=100000000", "--eval_interval=100000000", "--log_interval=100000000"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # its own process group, as a terminal's Ctrl-C reaches
+    for line in proc.stdout:
+        if line.startswith("eval iter 0"):
+            break
+    time.sleep(2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert "interrupted: saved" in err, err[-3000:]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] > 0
+
+
+def test_ctrl_c_stops_eval_only_at_once(data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run_train(data_dir, out, "--max_iters=2", "--eval_interval=2")
+
+    def interrupted_evaluation(*args):
+        signal.raise_signal(signal.SIGINT)
+        raise AssertionError("Ctrl-C did not stop the evaluation")
+
+    monkeypatch.setattr(train, "estimate_loss", interrupted_evaluation)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(data_dir, out, "--eval_only=True")
+
+
+def test_resume_with_another_batch_counts_tokens_and_continues_the_data(data_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    run_train(data_dir, out, "--max_iters=4", "--eval_interval=4")  # 4 steps of 2 x 8 windows of 32 tokens
+    firsts = []
+    window_starts = train.train_window_starts
+
+    def recorded(seed, first, *args):
+        firsts.append(first)
+        return window_starts(seed, first, *args)
+
+    monkeypatch.setattr(train, "train_window_starts", recorded)
+    run_train(data_dir, out, "--max_iters=6", "--eval_interval=2", "--init_from=resume",
+              "--gradient_accumulation_steps=4", "--dropout=0.1")
+    assert firsts == [64, 72, 80, 88, 96, 104, 112, 120]  # on from window 4 x 16, 32 windows a step now
+    checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
+    assert checkpoint["tokens"] == 4 * 512 + 2 * 1024
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [(r["iter"], r["tokens"]) for r in rows] == [(0, 0), (4, 2048), (6, 4096)]
+    # dropout is a training setting: the flag wins on resume, as in nanoGPT, and says so
+    assert checkpoint["model_args"]["dropout"] == 0.1
+    assert "dropout 0.0 -> 0.1 (--dropout)" in capsys.readouterr().out
