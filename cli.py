@@ -104,7 +104,9 @@ def _convert(text, kind, key):
         return str(text)  # a config file's `compile = False` is the string 'False' to a str field
     if not isinstance(text, str):  # config files give typed values already
         if kind is float and isinstance(text, int) and not isinstance(text, bool):
-            return float(text)
+            text = float(text)
+        if kind is float and isinstance(text, float) and not math.isfinite(text):  # JSON's NaN, Python's 1e999
+            raise UserError(f"--{key} must be a finite number, got {text!r}")
         if isinstance(text, kind) and not (kind is int and isinstance(text, bool)):
             return text
         raise UserError(f"--{key} must be {kind.__name__}, got {text!r}")
@@ -146,7 +148,7 @@ def _read_config_file(path, fields):
         raise UserError(f"{path} is not a config file ({usage}); to use the run in {folder}, give "
                         f"--out_dir={folder}")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # (Notepad's byte-order mark is dropped)
             text = f.read()
     except FileNotFoundError:
         hint = f"; to continue a text, give it as --prompt={path!r}" if "prompt" in fields else ""
@@ -213,6 +215,8 @@ def parse_config(config_cls, argv=None, description="", nanogpt_flags=None):
     def set_value(key, value, where):
         check_known(key, where)
         value = _convert(value, kinds[key], key)
+        if key.endswith("_dir") and isinstance(value, str):
+            value = os.path.expanduser(value)  # the shell leaves ~ alone after --key=: a folder named ~ is a trap
         if key in nanogpt_flags:
             translate_later.append((next(positions), key, value))
         else:

@@ -8,13 +8,15 @@ Then, offline or after uploading the folder to the hub:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
     model, tok = AutoModelForCausalLM.from_pretrained("out/hf"), AutoTokenizer.from_pretrained("out/hf")
-    print(pipeline("text-generation", model=model, tokenizer=tok)("Once upon a time")[0]["generated_text"])
+    generate = pipeline("text-generation", model=model, tokenizer=tok)
+    print(generate("Once upon a time", max_new_tokens=100)[0]["generated_text"])
 
 Our GPT is GPT-2's architecture (learned positions, pre-norm blocks, tanh GELU, LayerNorm eps 1e-5, tied
 embeddings), so the export is a renaming of weights, not a conversion. transformers (which brings safetensors) is
 needed here only: train.py and sample.py never import it.
 """
 
+import errno
 import json
 import math
 import os
@@ -30,7 +32,7 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 from prepare import EOT_TEXT, load_tokenizer  # noqa: E402
-from train import bits_per_byte, load_checkpoint  # noqa: E402
+from train import bits_per_byte, eval_starts, load_checkpoint  # noqa: E402
 
 
 @dataclass
@@ -41,7 +43,8 @@ class ExportConfig:
 
 def main(argv=None):
     cfg = parse_config(ExportConfig, argv, __doc__)
-    hf_dir = os.path.abspath(cfg.hf_dir or os.path.join(cfg.out_dir, "hf"))
+    # the real path: through a symlink, the temporary folder goes beside the real folder, on its filesystem
+    hf_dir = os.path.realpath(cfg.hf_dir or os.path.join(cfg.out_dir, "hf"))
     checkpoint = load_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"))
     meta = checkpoint["meta"]
     tokenizer = load_tokenizer(meta, cfg.out_dir)  # checks tiktoken's files or tokenizer.json, and that they match
@@ -96,6 +99,9 @@ def main(argv=None):
                 os.remove(os.path.join(hf_dir, name))
         for name in os.listdir(old) if os.path.isdir(old) else []:
             os.replace(os.path.join(old, name), os.path.join(hf_dir, name))
+        if isinstance(e, OSError) and e.errno == errno.EXDEV:
+            raise UserError(f"--hf_dir={hf_dir} is a mount point: the export is written beside it and renamed into "
+                            "place, which cannot cross filesystems; give a folder inside it") from None
         if isinstance(e, OSError):
             raise UserError(f"writing {hf_dir} failed ({e}); check the free space and permissions") from None
         raise
@@ -162,9 +168,12 @@ def hf_model(checkpoint):
     model.tie_weights()
     model.eval()
     # Stop at the end-of-text token, which ends every training story. GPT-2 has no padding token: batches pad with
-    # end-of-text (masked out), as is usual for GPT-2. No max_length: transformers warns whenever a caller's
-    # max_new_tokens overrides it, and the model card states the context length instead.
-    model.generation_config = GenerationConfig(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
+    # end-of-text (masked out), as is usual for GPT-2. Learned positions end at the context length, where generate()
+    # fails with an IndexError, so by default a short prompt's continuation stays inside it: half the context (the
+    # pipeline's own default, 256 new tokens, passes a context of 256). Not max_length: transformers warns whenever
+    # a caller's max_new_tokens overrides that.
+    model.generation_config = GenerationConfig(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot,
+                                               max_new_tokens=min(256, args["block_size"] // 2))
     return model
 
 
@@ -263,6 +272,11 @@ def model_card(checkpoint, model):
     else:
         score = "not evaluated yet"
     n_params = model.num_parameters()  # as exported: no vocabulary padding, the tied head counted once
+    evaluated = ""
+    if math.isfinite(loss) and config.get("eval_tokens"):  # the figure is of train.py's evaluation windows
+        windows = len(eval_starts(meta["val"]["tokens"], args["block_size"], config["eval_tokens"]))
+        evaluated = (f", over {windows * args['block_size']:,} of the split's {meta['val']['tokens']:,} tokens "
+                     f"({windows:,} evenly spaced windows)")
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
@@ -278,7 +292,7 @@ slm on `{config.get("data_dir")}`, and {EXPORT_MARK}: its logits equal the origi
 - Tokenizer: `{meta["tokenizer"]}` ({meta["vocab_size"]:,} tokens; end of text `{EOT_TEXT}` = id {meta["eot_token"]},
   which ends each story). Text that spells `{EOT_TEXT}` is ordinary text, as in training.
 - Training: {checkpoint["iter_num"]:,} steps, {checkpoint.get("tokens", 0):,} tokens seen.
-- Validation ({meta["val"]["tokens"]:,} tokens): {score}.
+- Validation: {score}{evaluated}.
 
 ## Use
 
@@ -288,8 +302,9 @@ generate = pipeline("text-generation", model="PATH_OR_HUB_NAME")
 print(generate("Once upon a time", max_new_tokens=100)[0]["generated_text"])
 ```
 
-Generation stops at the end-of-text token and at the context length, {args["block_size"]} tokens: the learned
-positions end there.
+Generation stops at the end-of-text token, or after {min(256, args["block_size"] // 2)} new tokens unless
+`max_new_tokens` says otherwise. Keep the prompt and the new tokens within the context length,
+{args["block_size"]} tokens: the learned positions end there, and generating past them fails.
 
 ## Training configuration
 

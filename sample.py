@@ -17,6 +17,7 @@ From Python:
     stories = generate_text(model, tokenizer, "Once upon a time", num_samples=2, max_new_tokens=200)
 """
 
+import contextlib
 import os
 import sys
 import types
@@ -83,7 +84,7 @@ def check_settings(temperature, top_k, top_p, num_samples=1, max_new_tokens=0, s
     if max_new_tokens < 0:
         problems.append(f"--max_new_tokens must be 0 or more, got {max_new_tokens}")
     if not -2**63 <= seed < 2**64:  # what torch.Generator takes
-        problems.append(f"--seed must be below 2**64, got {seed}")
+        problems.append(f"--seed must be from -2**63 to 2**64 - 1, got {seed}")
     if problems:
         raise UserError("; ".join(problems))
 
@@ -196,7 +197,7 @@ def read_prompt(prompt):
             raise UserError("the prompt is not UTF-8 text: give it in UTF-8, or as --prompt=FILE:path to a UTF-8 "
                             "file") from None
     if prompt.startswith("FILE:"):
-        path = prompt[len("FILE:"):]
+        path = os.path.expanduser(prompt[len("FILE:"):])
         try:
             with open(path, encoding="utf-8") as f:
                 prompt = f.read()
@@ -206,6 +207,11 @@ def read_prompt(prompt):
             raise UserError(f"the prompt file {path} is not UTF-8 text") from None
     if not prompt:
         raise UserError("the prompt is empty: give some text to continue, e.g. --prompt='Once upon a time'")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, as a JSON config file can spell one ("\ud83d")
+        raise UserError("the prompt is not valid Unicode text (it holds half of a surrogate pair); give it as "
+                        "plain text") from None
     return prompt
 
 
@@ -254,6 +260,18 @@ class TextStream:
         return text
 
 
+@contextlib.contextmanager
+def memory_for_the_batch(num_samples):
+    """Running out of memory for the batch (its contexts, KV cache and logits) is a one-line error."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:  # (torch.OutOfMemoryError is a RuntimeError)
+        if not isinstance(e, MemoryError) and "memory" not in str(e):
+            raise
+        raise UserError(f"not enough memory to generate {num_samples:,} samples as one batch: lower --num_samples "
+                        "(run again with another --seed for more)") from None
+
+
 def generate_text(model, tokenizer, prompt, num_samples=1, max_new_tokens=500, temperature=0.8, top_k=200,
                   top_p=1.0, seed=1337, kv_cache=True, stop_at_eot=True, stream=None):
     """
@@ -267,13 +285,13 @@ def generate_text(model, tokenizer, prompt, num_samples=1, max_new_tokens=500, t
     check_settings(temperature, top_k, top_p, num_samples, max_new_tokens, seed)
     device = model.lm_head.weight.device
     ids = encode_prompt(tokenizer, prompt, model.config.block_size)
-    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)  # our own: the global RNG is left alone
     eot = tokenizer.eot_token if stop_at_eot else None
-    new_ids = [[] for _ in range(num_samples)]
-    finished = [False] * num_samples
     first = TextStream(tokenizer)
-    with torch.inference_mode():
+    with torch.inference_mode(), memory_for_the_batch(num_samples):
+        idx = torch.tensor([ids], dtype=torch.long, device=device).repeat(num_samples, 1)
+        new_ids = [[] for _ in range(num_samples)]
+        finished = [False] * num_samples
         steps = model.generate_tokens(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                       kv_cache=kv_cache, generator=generator)
         for tokens in steps:
@@ -312,15 +330,24 @@ def main(argv=None):
         sys.stdout.reconfigure(errors="replace")  # a console that cannot show a character shows '?', not a crash
     dashes = "-" * 15
 
-    def stream(text, last):
-        print(text, end="\n" + dashes + "\n" if last else "", flush=True)
+    def show(text, end="\n"):
+        try:
+            print(text, end=end, flush=True)
+        except BrokenPipeError:
+            raise  # the reader has gone (`| head`): run_main ends quietly
+        except OSError as e:  # a full disk behind `> file`, say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the flush at exit fails again
+            raise UserError(f"cannot write the samples to standard output ({e.strerror})") from None
 
-    print(prompt, end="", flush=True)
+    def stream(text, last):
+        show(text, end="\n" + dashes + "\n" if last else "")
+
+    show(prompt, end="")
     samples = generate_text(model, tokenizer, prompt, config.num_samples, config.max_new_tokens, config.temperature,
                             config.top_k, config.top_p, config.seed, config.kv_cache, config.stop_at_eot, stream)
     for sample in samples[1:]:
-        print(prompt + sample)
-        print(dashes)
+        show(prompt + sample)
+        show(dashes)
 
 
 if __name__ == "__main__":

@@ -78,3 +78,27 @@ def test_help_documents_every_field():
     for field in dataclasses.fields(DemoConfig):
         line = next(line for line in text.splitlines() if line.strip().startswith(f"--{field.name}="))
         assert len(line.split(None, 1)[1]) > 5, line  # a description follows the default
+
+
+def test_a_config_file_with_a_byte_order_mark(tmp_path):
+    """As Notepad saves UTF-8."""
+    for name, text in (("bom.py", "n_layer = 2\n"), ("bom.json", '{"n_layer": 2}')):
+        (tmp_path / name).write_text(text, encoding="utf-8-sig")
+        assert parse_config(DemoConfig, [str(tmp_path / name)]).n_layer == 2
+
+
+@pytest.mark.parametrize("name, text", [("nan.json", '{"learning_rate": NaN}'), ("inf.py", "learning_rate = 1e999\n"),
+                                        ("inf.json", '{"learning_rate": -Infinity}')])
+def test_config_files_take_finite_numbers_only(tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(UserError, match="--learning_rate must be a finite number"):
+        parse_config(DemoConfig, [str(tmp_path / name)])
+
+
+def test_folders_under_the_home_folder(tmp_path, monkeypatch):
+    """The shell expands ~ only at the start of a word: after --out_dir= it would make a folder named ~."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert parse_config(DemoConfig, ["--out_dir=~/runs/a"]).out_dir == str(tmp_path / "runs" / "a")
+    py = tmp_path / "c.py"
+    py.write_text('out_dir = "~/b"\n')
+    assert parse_config(DemoConfig, [str(py)]).out_dir == str(tmp_path / "b")

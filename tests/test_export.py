@@ -1,11 +1,13 @@
 """export.py: the transformers model and tokenizer it writes give exactly our logits, ids and greedy samples."""
 
+import copy
 import dataclasses
 import json
 import os
 import random
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -194,6 +196,8 @@ def test_export_of_a_trained_run_loads_in_a_pipeline(tmp_path):
     assert f"**{train.bits_per_byte(last['val_loss'], meta):.4f}** bits per byte" in card
     assert f"{20 * 8 * 32:,} tokens seen" in card and '"max_iters": 20' in card
 
+    assert f"over {512:,} of the split's {meta['val']['tokens']:,} tokens (16 evenly spaced windows)" in card
+
     generate = pipeline("text-generation", model=hf_dir)
     text = generate("Once upon a time", max_new_tokens=8, do_sample=False)[0]["generated_text"]
     ckpt = train.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
@@ -257,3 +261,30 @@ def test_train_and_sample_import_without_transformers():
     code = ("import sys; import train, sample; "
             "assert not {'transformers', 'safetensors'} & set(sys.modules), 'imported transformers'")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_default_generation_stays_within_the_context(exported):
+    """transformers' pipeline makes 256 new tokens by default; past the learned positions GPT-2 fails."""
+    model, tokenizer = copy.deepcopy(exported["model"]), exported["tokenizer"]
+    model.generation_config.eos_token_id = None  # (a random model could end early)
+    model.generation_config.pad_token_id = 0
+    generate = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    prompt = "Once upon a time"
+    out = generate(prompt, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+    assert len(out) == len(tokenizer(prompt)["input_ids"]) + 16  # half the context of 32
+
+
+def test_export_through_a_symlink_works_beside_the_real_folder(tmp_path, monkeypatch):
+    """The temporary folder goes on the real folder's filesystem: a symlink may point to another disk."""
+    out_dir = str(tmp_path / "out")
+    make_checkpoint(out_dir, "bpe")
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "disk" / "real").mkdir()
+    os.symlink(tmp_path / "disk" / "real", tmp_path / "link")
+    made_in = []
+    mkdtemp = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda **kw: made_in.append(kw["dir"]) or mkdtemp(**kw))
+    export.main([f"--out_dir={out_dir}", f"--hf_dir={tmp_path}/link"])
+    assert made_in == [str(tmp_path / "disk")]
+    assert "model.safetensors" in os.listdir(tmp_path / "disk" / "real")
+    assert sorted(os.listdir(tmp_path / "disk")) == ["real"]  # no temporary folders left

@@ -418,6 +418,7 @@ def write_checkpoint(path, checkpoint):
     (["--device=tpu"], "unknown device 'tpu'"),
     (["--dtype=float64"], "--dtype must be one of auto, float32, bfloat16, float16"),
     (["--temprature=1"], "did you mean --temperature?"),
+    (["--num_samples=1000000000000"], "not enough memory to generate 1,000,000,000,000 samples as one batch"),
 ])
 def test_bad_settings_are_one_line_errors(ckpt_dir, capsys, flags, message):
     assert message in error_of(capsys, f"--out_dir={ckpt_dir}", *flags)
@@ -466,3 +467,25 @@ def test_programmatic_errors_are_user_errors(loaded):
         generate_text(model, tokenizer, "Tom", top_p=0)
     with pytest.raises(UserError, match="prompt is empty"):
         generate_text(model, tokenizer, "")
+
+
+def test_a_prompt_that_is_not_unicode_text_is_an_error(ckpt_dir, capsys, tmp_path):
+    config = tmp_path / "prompt.json"
+    config.write_text('{"prompt": "Hi \\ud83d there"}')  # half of a surrogate pair, as JSON can spell it
+    assert "the prompt is not valid Unicode text" in error_of(capsys, str(config), f"--out_dir={ckpt_dir}")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_full_disk_behind_stdout_is_a_one_line_error(ckpt_dir):
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "sample.py", f"--out_dir={ckpt_dir}", "--max_new_tokens=5"],
+                                cwd=ROOT, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,
+                                env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 2
+    assert result.stderr == "sample.py: error: cannot write the samples to standard output (No space left on device)\n"
+
+
+def test_a_prompt_file_under_the_home_folder(ckpt_dir, loaded, tmp_path, monkeypatch):
+    (tmp_path / "prompt.txt").write_text("Mia had a", encoding="utf-8")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert sample.read_prompt("FILE:~/prompt.txt") == "Mia had a"
