@@ -273,7 +273,8 @@ def model_card(checkpoint, model):
         score = "not evaluated yet"
     n_params = model.num_parameters()  # as exported: no vocabulary padding, the tied head counted once
     evaluated = ""
-    if math.isfinite(loss) and config.get("eval_tokens"):  # the figure is of train.py's evaluation windows
+    if which == "final" and config.get("eval_tokens"):  # of this checkpoint's evaluation windows (a best loss
+        # may come from an earlier run's evaluation, with another --eval_tokens)
         windows = len(eval_starts(meta["val"]["tokens"], args["block_size"], config["eval_tokens"]))
         evaluated = (f", over {windows * args['block_size']:,} of the split's {meta['val']['tokens']:,} tokens "
                      f"({windows:,} evenly spaced windows)")

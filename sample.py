@@ -263,13 +263,18 @@ class TextStream:
 @contextlib.contextmanager
 def memory_for_the_batch(num_samples):
     """Running out of memory for the batch (its contexts, KV cache and logits) is a one-line error."""
+    import torch
+
     try:
         yield
-    except (MemoryError, RuntimeError) as e:  # (torch.OutOfMemoryError is a RuntimeError)
-        if not isinstance(e, MemoryError) and "memory" not in str(e):
+    except (MemoryError, torch.OutOfMemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) and \
+                "can't allocate memory" not in str(e):  # the CPU allocator's words; any other error is not ours
             raise
-        raise UserError(f"not enough memory to generate {num_samples:,} samples as one batch: lower --num_samples "
-                        "(run again with another --seed for more)") from None
+        fix = ("lower --num_samples (run again with another --seed for more)" if num_samples > 1 else
+               "lower --max_new_tokens, or sample on another --device")
+        raise UserError(f"not enough memory to generate {num_samples:,} sample{'s' * (num_samples > 1)} as one "
+                        f"batch: {fix}") from None
 
 
 def generate_text(model, tokenizer, prompt, num_samples=1, max_new_tokens=500, temperature=0.8, top_k=200,

@@ -1055,6 +1055,21 @@ def loss_not_finite(loss, iter_num, ckpt_path):
                      "--dtype=bfloat16/float32")
 
 
+def restores_signal_handlers(fn):
+    """main() installs its own Ctrl-C and SIGTERM handlers; whoever called it gets theirs back, however it ends."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for signum, handler in saved.items():
+                if handler is not None:  # (None: a handler not installed from Python, which stays)
+                    signal.signal(signum, handler)
+    return wrapper
+
+
+@restores_signal_handlers
 def main(argv=None):
     config = parse_config(TrainConfig, argv, __doc__, NANOGPT_FLAGS)
     validate(config)

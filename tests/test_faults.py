@@ -663,7 +663,7 @@ def test_seeds_beyond_what_the_generators_take_are_one_line_errors(trained, caps
                          "--init_from=resume")
     assert err == "--seed must be from 0 to 99,999,999, got 1000000000"
     err = one_line_error(capsys, sample_main, f"--out_dir={out}", "--device=cpu", f"--seed={2**64}")
-    assert err == f"--seed must be below 2**64, got {2**64}"
+    assert err == f"--seed must be from -2**63 to 2**64 - 1, got {2**64}"
     assert snapshot(out) == before
 
 

@@ -489,3 +489,12 @@ def test_a_prompt_file_under_the_home_folder(ckpt_dir, loaded, tmp_path, monkeyp
     (tmp_path / "prompt.txt").write_text("Mia had a", encoding="utf-8")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert sample.read_prompt("FILE:~/prompt.txt") == "Mia had a"
+
+
+def test_only_running_out_of_memory_is_blamed_on_the_batch():
+    with pytest.raises(UserError, match="generate 1 sample as one batch: lower --max_new_tokens"):
+        with sample.memory_for_the_batch(1):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(RuntimeError, match="illegal memory access"):  # a fault, not a batch too large: as it is
+        with sample.memory_for_the_batch(4):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
