@@ -173,8 +173,13 @@ def hf_model(checkpoint):
     # pipeline's own default, 256 new tokens, passes a context of 256). Not max_length: transformers warns whenever
     # a caller's max_new_tokens overrides that.
     model.generation_config = GenerationConfig(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot,
-                                               max_new_tokens=min(256, args["block_size"] // 2))
+                                               max_new_tokens=default_new_tokens(args["block_size"]))
     return model
+
+
+def default_new_tokens(block_size):
+    """The generation config's max_new_tokens: half the context, so that a short prompt's continuation fits in it."""
+    return max(1, min(256, block_size // 2))
 
 
 def hf_state_dict(ours, vocab_size):
@@ -303,7 +308,7 @@ generate = pipeline("text-generation", model="PATH_OR_HUB_NAME")
 print(generate("Once upon a time", max_new_tokens=100)[0]["generated_text"])
 ```
 
-Generation stops at the end-of-text token, or after {min(256, args["block_size"] // 2)} new tokens unless
+Generation stops at the end-of-text token, or after {default_new_tokens(args["block_size"])} new tokens unless
 `max_new_tokens` says otherwise. Keep the prompt and the new tokens within the context length,
 {args["block_size"]} tokens: the learned positions end there, and generating past them fails.
 
