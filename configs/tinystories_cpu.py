@@ -12,8 +12,8 @@ spaced windows instead. The settings below were tuned while training windows wer
 replacement (0.929, median of three timed runs); with training windows in epochs, 0.898 (0.893 over the whole split).
 valid.txt is the first 1,000 official validation stories and 499 stories whose siblings are in train.txt; the
 official ones alone read 0.028-0.029 above the whole file (0.926 for a run at 0.903; four runs scored so). A
-first-generation EPYC (Zen 1) runs a step 1.6-1.9x slower, so the budget buys 781-996 steps there: 0.951 by
-train.py's evaluation (median of five runs in two sessions, 0.9385-0.9680, three of them over 0.95), 0.966 on the
+first-generation EPYC (Zen 1) runs a step 1.6-1.9x slower, so the budget buys 781-996 steps there: 0.953 by
+train.py's evaluation (median of seven runs in three sessions, 0.9385-0.9680, five of them over 0.95), 0.966 on the
 official stories alone (three runs).
 Why each setting:
 - A 4,096-token vocabulary instead of GPT-2's 50,257: with GPT-2 tokens the LM head alone would be 87% of a model
