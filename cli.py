@@ -60,11 +60,15 @@ def run_main(main, argv=None):
     except KeyboardInterrupt as e:
         print(f"{name}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         sys.exit(130)
-    except BrokenPipeError:
-        # The reader has gone: nothing more can be shown. Point stdout at /dev/null, or Python's own flush at exit
-        # fails on the same pipe and prints a warning.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except BrokenPipeError:  # the reader has gone: nothing more can be shown
+        stdout_to_devnull()
         sys.exit(141)
+
+
+def stdout_to_devnull():
+    """After stdout has failed (a closed pipe, a full disk): or Python's own flush at exit fails on it again and
+    prints a warning."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _field_comments(config_cls):

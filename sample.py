@@ -23,7 +23,7 @@ import sys
 import types
 from dataclasses import dataclass
 
-from cli import UserError, parse_config, run_main
+from cli import UserError, parse_config, run_main, stdout_to_devnull
 from prepare import load_tokenizer
 
 # torch and train.py (which imports torch) are imported inside the functions that need them: `--help` and bad
@@ -341,7 +341,7 @@ def main(argv=None):
         except BrokenPipeError:
             raise  # the reader has gone (`| head`): run_main ends quietly
         except OSError as e:  # a full disk behind `> file`, say
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the flush at exit fails again
+            stdout_to_devnull()
             raise UserError(f"cannot write the samples to standard output ({e.strerror})") from None
 
     def stream(text, last):

@@ -1132,8 +1132,8 @@ def main(argv=None):
         checkpoint = load_checkpoint(ckpt_path)
         # the architecture is the checkpoint's, whatever the flags say; dropout, a training setting, is the flags'
         model_args = {**checkpoint["model_args"], "dropout": config.dropout}
-        if checkpoint["model_args"].get("dropout", 0.0) != config.dropout and not config.eval_only:
-            say(f"dropout {checkpoint['model_args'].get('dropout', 0.0)} -> {config.dropout} (--dropout)")
+        if checkpoint["model_args"]["dropout"] != config.dropout and not config.eval_only:
+            say(f"dropout {checkpoint['model_args']['dropout']} -> {config.dropout} (--dropout)")
         if checkpoint["meta"].get("tokenizer") != meta.get("tokenizer"):
             raise UserError(f"{ckpt_path} was trained on {checkpoint['meta'].get('tokenizer')} tokens but "
                             f"{config.data_dir} holds {meta.get('tokenizer')} tokens: use the same --data_dir")
@@ -1398,11 +1398,10 @@ def main(argv=None):
             if stop_counted is not None:
                 stop_counted.wait()
                 stop = stop_vote.item() > 0
-            if clock_due(iter_num):
-                agreed = torch.tensor([float(stop), train_s, clock_s_per_iter], dtype=torch.float64, device=device)
+            if clock_due(iter_num):  # (stop is agreed already, by the vote)
+                agreed = torch.tensor([train_s, clock_s_per_iter], dtype=torch.float64, device=device)
                 torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
-                stop = agreed[0].item() > 0
-                train_s, clock_s_per_iter = agreed[1].item(), agreed[2].item()  # all keep the agreed clock
+                train_s, clock_s_per_iter = agreed.tolist()  # all keep the agreed clock
             stop_counted = None
             if not stop:
                 stop_vote.fill_(float(bool(stop_requested)))
