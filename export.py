@@ -11,7 +11,7 @@ Then, offline or after uploading the folder to the hub:
     generate = pipeline("text-generation", model=model, tokenizer=tok)
     print(generate("Once upon a time", max_new_tokens=100)[0]["generated_text"])
 
-Our GPT is GPT-2's architecture (learned positions, pre-norm blocks, tanh GELU, LayerNorm eps 1e-5, tied
+Our GPT is GPT-2's architecture (learned positions, pre-norm blocks, GELU (tanh or exact), LayerNorm eps 1e-5, tied
 embeddings), so the export is a renaming of weights, not a conversion. transformers (which brings safetensors) is
 needed here only: train.py and sample.py never import it.
 """
@@ -154,7 +154,8 @@ def hf_model(checkpoint):
     config = GPT2Config(
         vocab_size=vocab_size, n_positions=args["block_size"], n_embd=args["n_embd"], n_layer=args["n_layer"],
         n_head=args["n_head"], n_inner=4 * args["n_embd"],
-        activation_function="gelu_new",  # the tanh approximation: nn.GELU(approximate="tanh")
+        # nn.GELU(approximate="tanh") is transformers' gelu_new; the exact one is its gelu
+        activation_function="gelu_new" if args.get("gelu", "tanh") == "tanh" else "gelu",
         layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # dropout is for training only
         tie_word_embeddings=True, bos_token_id=eot, eos_token_id=eot, architectures=["GPT2LMHeadModel"],
     )

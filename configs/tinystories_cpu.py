@@ -43,6 +43,8 @@ Why each setting:
   level with 4,096 at 4 layers (0.979 against 0.981) and lost at 2 (0.945 against 0.934: 2,760 steps against 1,500,
   both without clipping). Windows of 128 tokens instead of 256 were level (0.996 against 0.997, both with bpe:2048).
 - Gradient clipping at 1.0 stays: without it, 0.002 better with one seed and 0.006 worse with another (2 layers).
+- The exact GELU, not GPT-2's tanh approximation: the same function to within 1e-3, and export.py keeps either
+  exact, but PyTorch's CPU kernel for it is twice as fast, so the step is 5% faster (579 against 609 ms on Zen 1).
 - No torch.compile: its steps were about 7% faster here (one timing), ~35 s over 9 minutes, while compiling takes
   about 45 s on a 2-core CPU (measured on nanoGPT's model), all of it inside the 10 minutes.
 - Evaluations of 65,536 tokens per split at step 0, 1,000 and the end: with start-up and the checkpoint they took
@@ -62,6 +64,7 @@ n_head = 4  # heads of 32: 2 of 64 lost (0.922 against 0.908 at 1,500 steps), 8 
 n_embd = 128
 block_size = 256
 dropout = 0.0
+gelu = "exact"  # PyTorch's CPU kernel for it takes half the time of GPT-2's tanh form: a step 5% faster (29 ms)
 
 batch_size = 16
 total_batch_size = 4096  # tokens per step: one micro-step of 16 x 256

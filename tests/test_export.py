@@ -49,7 +49,7 @@ def random_texts(n, seed=0):
     return ["".join(chr(rng.randint(*rng.choice(ranges))) for _ in range(rng.randint(1, 60))) for _ in range(n)]
 
 
-def make_checkpoint(out_dir, tokenizer="gpt2", bias=True, seed=0):
+def make_checkpoint(out_dir, tokenizer="gpt2", bias=True, seed=0, gelu="tanh"):
     """A tiny model as train.py saves it, with every parameter moved off its initial value (biases start at zero,
     LayerNorm weights at one: a mix-up of those would go unseen)."""
     os.makedirs(out_dir, exist_ok=True)
@@ -64,7 +64,7 @@ def make_checkpoint(out_dir, tokenizer="gpt2", bias=True, seed=0):
                 val={"file": "val.bin", "tokens": 500, "stories": 5, "bytes": 2000})
     torch.manual_seed(seed)
     model_args = dict(block_size=32, vocab_size=ours.vocab_size, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
-                      bias=bias)
+                      bias=bias, gelu=gelu)
     model = GPT(GPTConfig(**model_args))
     with torch.no_grad():
         for p in model.parameters():
@@ -76,12 +76,13 @@ def make_checkpoint(out_dir, tokenizer="gpt2", bias=True, seed=0):
     return model.eval(), ours
 
 
-@pytest.fixture(scope="module", params=[("gpt2", True), ("gpt2", False), ("bpe", True), ("bpe", False)],
-                ids=lambda p: f"{p[0]}-bias{p[1]}")
+@pytest.fixture(scope="module", params=[("gpt2", True, "tanh"), ("gpt2", False, "tanh"), ("bpe", True, "tanh"),
+                                        ("bpe", False, "tanh"), ("bpe", False, "exact")],
+                ids=lambda p: f"{p[0]}-bias{p[1]}-{p[2]}")
 def exported(request, tmp_path_factory):
-    tokenizer, bias = request.param
-    out_dir = str(tmp_path_factory.mktemp(f"{tokenizer}-{bias}"))
-    ours, ours_tokenizer = make_checkpoint(out_dir, tokenizer, bias)
+    tokenizer, bias, gelu = request.param
+    out_dir = str(tmp_path_factory.mktemp(f"{tokenizer}-{bias}-{gelu}"))
+    ours, ours_tokenizer = make_checkpoint(out_dir, tokenizer, bias, gelu=gelu)
     hf_dir = export.main([f"--out_dir={out_dir}", f"--hf_dir={out_dir}/hf"])
     model, info = AutoModelForCausalLM.from_pretrained(hf_dir, output_loading_info=True)
     return dict(ours=ours, ours_tokenizer=ours_tokenizer, model=model.eval(), info=info, bias=bias,

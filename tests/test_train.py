@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import train
 from cli import UserError
@@ -261,6 +262,7 @@ def test_weight_decay_only_on_matrices():
     (["--beta1=1.5"], "--beta1 and --beta2 must be in [0, 1)"),
     (["--beta2=1"], "--beta1 and --beta2 must be in [0, 1)"),
     (["--peak_flops=-1e9"], "--peak_flops must be 0"),  # it printed a negative MFU
+    (["--gelu=none"], "--gelu must be tanh or exact, got 'none'"),
     (["--lr=1"], "unknown setting 'lr'"),
     (["--device=tpu"], "unknown device 'tpu'"),
 ])
@@ -476,6 +478,29 @@ def test_resume_counts_the_checkpoints_block_size_not_the_flags(data_dir, tmp_pa
                 "--init_from=resume", "--gradient_accumulation_steps=0", "--total_batch_size=512",
                 "--block_size=64"])  # a stray flag: the model keeps its 32
     assert "2 micro-step(s) of 8 x 32 per process: 512 tokens/iter" in capsys.readouterr().out.split("resuming")[1]
+
+
+@pytest.mark.parametrize("gelu, approximate", [("tanh", "tanh"), ("exact", "none")])
+def test_gelu_follows_the_setting(gelu, approximate):
+    model = tiny_model(gelu=gelu)
+    x = torch.linspace(-4, 4, 101)
+    for block in model.transformer.h:
+        torch.testing.assert_close(block.mlp.gelu(x), F.gelu(x, approximate=approximate), atol=0, rtol=0)
+    assert (F.gelu(x, approximate="tanh") - F.gelu(x)).abs().max() > 1e-4  # the two differ where it is checked
+
+
+def test_gelu_is_the_checkpoints_and_older_checkpoints_are_tanh(data_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    run_train(data_dir, out, "--max_iters=2", "--eval_interval=2", "--gelu=exact")
+    checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
+    assert checkpoint["model_args"]["gelu"] == "exact"
+    assert train.model_from_checkpoint(checkpoint).transformer.h[0].mlp.gelu.approximate == "none"
+    # the architecture is the checkpoint's: a resume keeps the exact GELU whatever --gelu says
+    run_train(data_dir, out, "--max_iters=3", "--eval_interval=3", "--init_from=resume", "--gelu=tanh")
+    checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
+    assert checkpoint["model_args"]["gelu"] == "exact"
+    del checkpoint["model_args"]["gelu"]  # as saved before the setting existed: those models were all tanh
+    assert train.model_from_checkpoint(checkpoint).transformer.h[0].mlp.gelu.approximate == "tanh"
 
 
 def test_out_of_gpu_memory_is_one_line_with_the_fix(monkeypatch):
