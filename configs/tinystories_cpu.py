@@ -11,10 +11,13 @@ same random windows of the val split, which read about 0.015 above the whole spl
 spaced windows instead. The settings below were tuned while training windows were drawn at random with
 replacement (0.929, median of three timed runs); with training windows in epochs, 0.898 (0.893 over the whole split).
 valid.txt is the first 1,000 official validation stories and 499 stories whose siblings are in train.txt; the
-official ones alone read 0.028-0.029 above the whole file (0.926 for a run at 0.903; four runs scored so). A
-first-generation EPYC (Zen 1) runs a step 1.6-1.9x slower, so the budget buys 781-996 steps there: 0.953 by
-train.py's evaluation (median of seven runs in three sessions, 0.9385-0.9680, five of them over 0.95), 0.966 on the
-official stories alone (three runs).
+official ones alone read 0.028-0.029 above the whole file (0.926 for a run at 0.903; four runs scored so). All of
+that was with GPT-2's tanh GELU; the exact one (below) came later and was timed on Zen 1 only. A first-generation
+EPYC (Zen 1) runs a step 1.6-1.9x slower, so the budget buys 781-1,042 steps there, as its speed moves: with the
+exact GELU 0.937 by train.py's evaluation (three runs, 0.9340-0.9429); with the tanh form 0.952 (eight runs in four
+sessions, 0.9385-0.9680; 0.966 on the official stories alone, three of them). There the final figure follows the
+step count (the eight lie within 0.0003 of a line, 0.014 lower per 100 steps; 0.95 takes about 910): at the three
+slowest of those eight speeds, the exact GELU's extra steps would still end over 0.95 (0.951-0.965 by that line).
 Why each setting:
 - A 4,096-token vocabulary instead of GPT-2's 50,257: with GPT-2 tokens the LM head alone would be 87% of a model
   this size's compute. Even so the head is over a third of each step here. At equal time bpe:4096 beat bpe:2048 (0.997
@@ -44,7 +47,8 @@ Why each setting:
   both without clipping). Windows of 128 tokens instead of 256 were level (0.996 against 0.997, both with bpe:2048).
 - Gradient clipping at 1.0 stays: without it, 0.002 better with one seed and 0.006 worse with another (2 layers).
 - The exact GELU, not GPT-2's tanh approximation: the same function to within 1e-3, and export.py keeps either
-  exact, but PyTorch's CPU kernel for it is twice as fast, so the step is 5% faster (579 against 609 ms on Zen 1).
+  exact, but PyTorch's CPU kernel for it takes half the time, so a step is 3-5% faster (579 against 609 ms and 575
+  against 591 ms on Zen 1). The runs with it lie on the tanh runs' line of loss against steps: only the speed changed.
 - No torch.compile: its steps were about 7% faster here (one timing), ~35 s over 9 minutes, while compiling takes
   about 45 s on a 2-core CPU (measured on nanoGPT's model), all of it inside the 10 minutes.
 - Evaluations of 65,536 tokens per split at step 0, 1,000 and the end: with start-up and the checkpoint they took
@@ -64,7 +68,7 @@ n_head = 4  # heads of 32: 2 of 64 lost (0.922 against 0.908 at 1,500 steps), 8 
 n_embd = 128
 block_size = 256
 dropout = 0.0
-gelu = "exact"  # PyTorch's CPU kernel for it takes half the time of GPT-2's tanh form: a step 5% faster (29 ms)
+gelu = "exact"  # PyTorch's CPU kernel for it takes half the time of GPT-2's tanh form: a step 3-5% faster
 
 batch_size = 16
 total_batch_size = 4096  # tokens per step: one micro-step of 16 x 256
