@@ -271,6 +271,10 @@ def gpt2_tokenizer_from_tiktoken(enc):
 def model_card(checkpoint, model):
     """README.md: what the model is, how it was trained, how good it is and how to use it."""
     meta, args, config = checkpoint["meta"], checkpoint["model_args"], checkpoint["config"]
+    shape = {**args, "gelu": args.get("gelu", "tanh")}  # (checkpoints from before the setting: tanh)
+    # the configuration shown names the model's own shape, which a resume by an older train.py did not record there
+    config = {**config, **{name: shape[name] for name in ("n_layer", "n_head", "n_embd", "block_size", "bias", "gelu")
+                           if name in config}}
     loss, which = checkpoint_val_loss(checkpoint)
     if math.isfinite(loss):
         score = (f"{which} val loss **{loss:.4f}** nats/token (perplexity {math.exp(loss):.2f}), "
@@ -293,8 +297,8 @@ tags: [gpt2, slm, tinystories]
 # A {n_params / 1e6:.1f}M-parameter GPT trained with slm
 
 A GPT-2-architecture language model ({args["n_layer"]} layers, {args["n_head"]} heads, width {args["n_embd"]},
-context {args["block_size"]} tokens, {"with" if args["bias"] else "without"} biases) trained from scratch with
-slm on `{config.get("data_dir")}`, and {EXPORT_MARK}: its logits equal the original checkpoint's.
+context {args["block_size"]} tokens, {"with" if args["bias"] else "without"} biases, {shape["gelu"]} GELU) trained from
+scratch with slm on `{config.get("data_dir")}`, and {EXPORT_MARK}: its logits equal the original checkpoint's.
 
 - Tokenizer: `{meta["tokenizer"]}` ({meta["vocab_size"]:,} tokens; end of text `{EOT_TEXT}` = id {meta["eot_token"]},
   which ends each story). Text that spells `{EOT_TEXT}` is ordinary text, as in training.

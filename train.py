@@ -1140,6 +1140,16 @@ def main(argv=None):
         model_args = {**checkpoint["model_args"], "dropout": config.dropout}
         if checkpoint["model_args"]["dropout"] != config.dropout and not config.eval_only:
             say(f"dropout {checkpoint['model_args']['dropout']} -> {config.dropout} (--dropout)")
+        # so the config saved with it (and shown by wandb and export.py's model card) describes this model
+        architecture = {name: model_args.get(name, getattr(GPTConfig, name))  # (older checkpoints: the default)
+                        for name in ("n_layer", "n_head", "n_embd", "block_size", "bias", "gelu")}
+        ignored = [f"--{name}={getattr(config, name)}" for name, value in architecture.items()
+                   if getattr(config, name) != value]
+        if ignored:
+            say(f"the model is the checkpoint's ({', '.join(f'{k}={v}' for k, v in architecture.items())}): "
+                f"{', '.join(ignored)} ignored")
+        for name, value in architecture.items():
+            setattr(config, name, value)
         if checkpoint["meta"].get("tokenizer") != meta.get("tokenizer"):
             raise UserError(f"{ckpt_path} was trained on {checkpoint['meta'].get('tokenizer')} tokens but "
                             f"{config.data_dir} holds {meta.get('tokenizer')} tokens: use the same --data_dir")

@@ -217,6 +217,19 @@ def test_export_of_a_trained_run_loads_in_a_pipeline(tmp_path):
     assert open(os.path.join(hf_dir, "notes.txt"), "rb").read() == b"my notes\n"
 
 
+def test_model_card_names_the_models_own_shape_and_gelu(tmp_path):
+    out_dir = str(tmp_path / "out")
+    make_checkpoint(out_dir, "bpe", bias=False, gelu="exact")
+    path = os.path.join(out_dir, "ckpt.pt")
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["config"].update(n_layer=8, gelu="tanh")  # as a resume by an older train.py left it: the flags'
+    torch.save(checkpoint, path)
+    export.main([f"--out_dir={out_dir}"])
+    card = open(os.path.join(out_dir, "hf", "README.md"), encoding="utf-8").read()
+    assert "(2 layers, 2 heads, width 32,\ncontext 32 tokens, without biases, exact GELU)" in card
+    assert '"n_layer": 2,' in card and '"gelu": "exact"' in card and '"n_layer": 8' not in card
+
+
 def test_no_checkpoint_is_a_one_line_error(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), f"--out_dir={tmp_path}/nothing"],
                             capture_output=True, text=True, cwd=tmp_path)

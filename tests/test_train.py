@@ -496,9 +496,14 @@ def test_gelu_is_the_checkpoints_and_older_checkpoints_are_tanh(data_dir, tmp_pa
     assert checkpoint["model_args"]["gelu"] == "exact"
     assert train.model_from_checkpoint(checkpoint).transformer.h[0].mlp.gelu.approximate == "none"
     # the architecture is the checkpoint's: a resume keeps the exact GELU whatever --gelu says
-    run_train(data_dir, out, "--max_iters=3", "--eval_interval=3", "--init_from=resume", "--gelu=tanh")
+    capsys.readouterr()
+    run_train(data_dir, out, "--max_iters=3", "--eval_interval=3", "--init_from=resume", "--gelu=tanh", "--n_layer=3")
     checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
     assert checkpoint["model_args"]["gelu"] == "exact"
+    # and the config saved with it (shown by wandb and the model card) says what the model is, not what the flags said
+    assert (checkpoint["config"]["gelu"], checkpoint["config"]["n_layer"]) == ("exact", 2)
+    assert ("the model is the checkpoint's (n_layer=2, n_head=2, n_embd=32, block_size=32, bias=False, gelu=exact): "
+            "--n_layer=3, --gelu=tanh ignored") in capsys.readouterr().out
     del checkpoint["model_args"]["gelu"]  # as saved before the setting existed: those models were all tanh
     assert train.model_from_checkpoint(checkpoint).transformer.h[0].mlp.gelu.approximate == "tanh"
 
