@@ -23,7 +23,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from cli import parse_config, run_main  # noqa: E402
+from cli import UserError, parse_config, run_main  # noqa: E402
 from prepare import EOT_LINE, EOT_TEXT  # noqa: E402
 
 
@@ -132,13 +132,21 @@ def main(argv=None):
     cfg = parse_config(BenchConfig, argv, __doc__)
     if cfg.baseline:
         return baseline(cfg.baseline, cfg.workdir, os.path.join(cfg.workdir, "hf-cache"))
+    methods = cfg.methods.split(",")
+    unknown = [method for method in methods if method not in ("baseline", "prepare-txt", "prepare-parquet")]
+    if unknown:
+        raise UserError(f"unknown --methods {','.join(unknown)}: choose from baseline, prepare-txt, prepare-parquet")
+    if cfg.runs < 1 or cfg.mb < 1:
+        raise UserError(f"--runs and --mb must be at least 1, got {cfg.runs} and {cfg.mb}")
+    if not os.path.isfile(cfg.source):
+        raise UserError(f"--source={cfg.source} is not a file: pass TinyStories text (a .txt with <|endoftext|> lines)")
     with tempfile.TemporaryDirectory(dir=cfg.workdir or None) as work:
         t = time.perf_counter()
         stories, nbytes = make_corpus(cfg.source, cfg.mb, work)
         print(f"corpus: {stories:,} stories, {nbytes / 1e6:.1f} MB of text ({time.perf_counter() - t:.1f} s to build), "
               f"{os.cpu_count()} cores", flush=True)
         rows = []
-        for method in cfg.methods.split(","):
+        for method in methods:
             results = []
             for run in range(cfg.runs):
                 out = os.path.join(work, f"{method}-{run}")
@@ -163,7 +171,7 @@ def main(argv=None):
                 subprocess.run(["rm", "-rf", out])
             rows.append((method, statistics.median(r[0] for r in results), statistics.median(r[1] for r in results),
                          max(r[2] for r in results)))
-    print(f"\n{cfg.mb} MB corpus, {cfg.runs} runs each, median")
+    print(f"\n{nbytes / 1e6:.1f} MB corpus (--mb={cfg.mb}: whole copies of --source), {cfg.runs} runs each, median")
     print("| method | seconds | tokens/s | peak RSS, all processes (max of runs) |\n|---|---|---|---|")
     for method, seconds, rate, peak in rows:
         print(f"| {method} | {seconds:.2f} | {rate / 1e6:.2f} M | {peak / 1e9:.2f} GB |")

@@ -42,13 +42,14 @@ def run_one(cfg, optimizer, out_dir):
         budget = [f"--max_iters={cfg.steps}", "--max_minutes=0"] if cfg.steps else []
     recipe = [cfg.recipe] if cfg.recipe else []  # --recipe= : train.py's own defaults (the GPU recipe)
     command = [sys.executable, "train.py", *recipe, f"--optimizer={optimizer}", f"--out_dir={out_dir}",
-               "--init_from=scratch", *budget, *cfg.flags.split()]
+               "--init_from=scratch", "--overwrite=True", *budget, *cfg.flags.split()]  # (a rerun starts over)
     print("$ " + " ".join(command[1:]), flush=True)
     t0 = time.time()
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     wall = time.time() - t0
     if result.returncode:
-        raise UserError(f"train.py failed for --optimizer={optimizer}: {result.stderr.strip().splitlines()[-1:]}")
+        said = (result.stderr.strip().splitlines() or ["(nothing on stderr)"])[-1]
+        raise UserError(f"train.py failed for --optimizer={optimizer}: {said}")
     with open(os.path.join(out_dir, "log.jsonl"), encoding="utf-8") as f:
         last = [json.loads(line) for line in f if line.strip()][-1]
     return dict(last, wall_s=wall)

@@ -35,6 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench_train import CONFIGS as TRAIN_CONFIGS  # noqa: E402
+from bench_train import check_args, run_checked  # noqa: E402
 from train import TrainConfig  # noqa: E402
 
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size")
@@ -45,6 +46,7 @@ CONFIGS = {  # train.py's CPU benchmark configs and its default GPU recipe, GPT-
 NEW_TOKENS = {"small": [500], "medium": [500, 1000], "gpu": [500, 1000]}
 ANCHOR = 65  # tokens/s, nanoGPT's sample.py at 4/4/128 on a 2-core EPYC (BASELINES.md)
 PROMPT = "Once upon a time"
+METHODS = ("nanogpt", "no-cache", "cache")
 
 
 def make_checkpoint(config_name, data_dir, out_dir, device):
@@ -53,8 +55,7 @@ def make_checkpoint(config_name, data_dir, out_dir, device):
         f"--data_dir={data_dir}", f"--out_dir={out_dir}", f"--device={device}", "--compile=False", "--bias=False",
         "--batch_size=1", "--gradient_accumulation_steps=1", "--max_iters=1", "--eval_tokens=1", "--warmup_iters=0",
         "--plot=False"]
-    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags], capture_output=True, text=True,
-                   check=True, cwd=ROOT)
+    run_checked([sys.executable, os.path.join(ROOT, "train.py"), *flags], cwd=ROOT)
 
 
 def nanogpt_generate(model, idx, max_new_tokens, temperature=0.8, top_k=200):
@@ -114,8 +115,8 @@ def worker(out_dir, method, num_samples, new_tokens, device, dtype):
 def measure(out_dir, method, num_samples, new_tokens, device, dtype, runs, long_s):
     results = []
     for _ in range(runs):
-        out = subprocess.run([sys.executable, __file__, "--worker", out_dir, method, str(num_samples),
-                              str(new_tokens), device, dtype], capture_output=True, text=True, check=True, cwd=ROOT)
+        out = run_checked([sys.executable, __file__, "--worker", out_dir, method, str(num_samples), str(new_tokens),
+                           device, dtype], cwd=ROOT)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         if results[-1]["gen_s"] > long_s:
             break
@@ -127,10 +128,9 @@ def whole_process(out_dir, new_tokens, device, dtype, runs):
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "sample.py", f"--out_dir={out_dir}", "--num_samples=1",
-                        f"--max_new_tokens={new_tokens}", "--stop_at_eot=False", f"--device={device}",
-                        f"--dtype={dtype}"],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=True, cwd=ROOT)
+        run_checked([sys.executable, "sample.py", f"--out_dir={out_dir}", "--num_samples=1",
+                     f"--max_new_tokens={new_tokens}", "--stop_at_eot=False", f"--device={device}", f"--dtype={dtype}"],
+                    cwd=ROOT)
         times.append(time.perf_counter() - t0)
     return times
 
@@ -149,6 +149,10 @@ def main():
     if args.worker:
         out_dir, method, num_samples, new_tokens, device, dtype = args.worker
         return worker(out_dir, method, int(num_samples), int(new_tokens), device, dtype)
+    check_args(parser, args, CONFIGS)
+    unknown = [method for method in args.methods.split(",") if method not in METHODS]
+    if unknown:
+        parser.error(f"unknown --methods {','.join(unknown)}: choose from {', '.join(METHODS)}")
 
     import torch
 

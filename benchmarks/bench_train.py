@@ -5,7 +5,8 @@ Training throughput (tokens/s, ms/iter, MFU) of train.py against a plain nanoGPT
     python benchmarks/bench_train.py --configs=small --runs=5 --iters=20
 
 The reference is the step nanoGPT's train.py runs on a CPU: the same GPT, full logits + F.cross_entropy, AdamW
-without the fused kernel, glibc's default malloc. "slm" is `python train.py` itself, timed from its own log lines.
+without the fused kernel, glibc's default malloc. "slm" is `python train.py --optimizer=adamw` itself, timed from its
+own log lines.
 Each measurement is a fresh process (malloc settings are per process); the first iterations are warm-up and not
 counted. Data: GPT-2 tokens of ../shared/tinystories-sample (or --text), written once to a temporary folder.
 """
@@ -28,6 +29,27 @@ CONFIGS = {  # the two CPU configs of BASELINES.md, GPT-2 vocabulary (padded to 
     "medium": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8),
 }
 NANOGPT_FIGURES = {"small": 1045, "medium": 408}  # tokens/s, BASELINES.md (nanoGPT 3adf61e, same kind of machine)
+
+
+def run_checked(command, **kwargs):
+    """subprocess.run, capturing output; a failed child ends the benchmark with its own last error line."""
+    result = subprocess.run(command, capture_output=True, text=True, **kwargs)
+    if result.returncode:
+        said = (result.stderr.strip().splitlines() or ["(nothing on stderr)"])[-1]
+        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {os.path.basename(command[1])} exited with "
+                 f"{result.returncode}: {said}")
+    return result
+
+
+def check_args(parser, args, configs):
+    """One-line errors for what would otherwise fail with a traceback, or deep inside a child process."""
+    unknown = [name for name in args.configs.split(",") if name not in configs]
+    if unknown:
+        parser.error(f"unknown --configs {','.join(unknown)}: choose from {', '.join(configs)}")
+    if args.runs < 1:
+        parser.error(f"--runs must be at least 1, got {args.runs}")
+    if not os.path.isfile(args.text):
+        parser.error(f"--text={args.text} is not a file: pass TinyStories text (a .txt with <|endoftext|> lines)")
 
 
 def make_dataset(text_path, data_dir):
@@ -79,8 +101,7 @@ def reference_worker(data_dir, config_name, iters, warmup):
 
 
 def run_reference(data_dir, config_name, iters, warmup):
-    out = subprocess.run([sys.executable, __file__, "--worker", data_dir, config_name, str(iters), str(warmup)],
-                         capture_output=True, text=True, check=True)
+    out = run_checked([sys.executable, __file__, "--worker", data_dir, config_name, str(iters), str(warmup)])
     return json.loads(out.stdout.strip().splitlines()[-1])["ms_per_iter"]
 
 
@@ -90,9 +111,9 @@ def run_slm(data_dir, config_name, iters, warmup, out_dir):
         f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--device=cpu", "--compile=False", "--dtype=float32",
         "--gradient_accumulation_steps=1", f"--max_iters={warmup + iters}", "--log_interval=1",
         f"--eval_interval={10 * (warmup + iters)}", "--eval_tokens=1", "--plot=False", "--warmup_iters=0",
-        "--overwrite=True"]  # each run starts over in the same out_dir
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags], capture_output=True, text=True,
-                         check=True, cwd=ROOT)
+        "--overwrite=True",  # each run starts over in the same out_dir
+        "--optimizer=adamw"]  # the reference's optimizer: the same work per step, whatever train.py's default is
+    out = run_checked([sys.executable, os.path.join(ROOT, "train.py"), *flags], cwd=ROOT)
     lines = re.findall(r"^iter (\d+)/\d+ \| .*?\| ([\d.]+) ms/iter \| .*?\| mfu ([\d.]+)%", out.stdout, re.M)
     timed = [(float(ms), float(mfu)) for it, ms, mfu in lines if int(it) > warmup]
     return statistics.median(ms for ms, _ in timed), statistics.median(m for _, m in timed)
@@ -110,6 +131,7 @@ def main():
     if args.worker:
         data_dir, name, iters, warmup = args.worker
         return reference_worker(data_dir, name, int(iters), int(warmup))
+    check_args(parser, args, CONFIGS)
 
     import torch
 
