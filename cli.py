@@ -108,6 +108,8 @@ def _convert(text, kind, key):
         return str(text)  # a config file's `compile = False` is the string 'False' to a str field
     if not isinstance(text, str):  # config files give typed values already
         if kind is float and isinstance(text, int) and not isinstance(text, bool):
+            if abs(text) > sys.float_info.max:  # (float() would raise OverflowError)
+                raise UserError(f"--{key} must be a finite number, got an integer of {len(str(abs(text)))} digits")
             text = float(text)
         if kind is float and isinstance(text, float) and not math.isfinite(text):  # JSON's NaN, Python's 1e999
             raise UserError(f"--{key} must be a finite number, got {text!r}")

@@ -226,6 +226,11 @@ def main(argv=None):
                     val_fraction=cfg.val_fraction, seed=cfg.seed, fix_mojibake=cfg.fix_mojibake,
                     dataset=None if train_files else cfg.dataset,
                     train_files=fingerprint(train_files), val_files=fingerprint(val_files))
+    train_bytes = {f["sha256"]: f["path"] for f in settings["train_files"] if f["bytes"]}
+    copies = [(f["path"], train_bytes[f["sha256"]]) for f in settings["val_files"] if f["sha256"] in train_bytes]
+    if copies:  # (a hard link or a copy: realpath does not see it)
+        raise UserError(f"{copies[0][0]} (--val_files) holds the same bytes as {copies[0][1]} (--train_files), so the "
+                        "model would be evaluated on stories it trained on: give each split its own files")
     if local_dataset:  # a dataset folder on disk: its files are inputs too
         settings["dataset_files"] = fingerprint(sorted(
             f for f in glob.glob(os.path.join(glob.escape(cfg.dataset), "**"), recursive=True) if os.path.isfile(f)))
@@ -245,14 +250,16 @@ def main(argv=None):
     tmp = {name: path + ".tmp" for name, path in out.items()}
     try:  # find out now, not after an hour of work
         os.makedirs(cfg.data_dir, exist_ok=True)
-        open(tmp["train.bin"], "wb").close()
-        remove(tmp["train.bin"])
+        probe = os.path.join(cfg.data_dir, f".write-test-{os.getpid()}")  # (not a name another run may be using)
+        open(probe, "wb").close()
+        remove(probe)
     except OSError as e:
         raise UserError(f"cannot write to --data_dir={cfg.data_dir} ({e.strerror}); choose a folder you can write to"
                         ) from None
     tokenizer = Tokenizer("gpt2") if cfg.tokenizer == "gpt2" else None  # fails fast when tiktoken is offline
     sha256 = {f["path"]: f["sha256"] for f in settings["train_files"] + settings["val_files"]}
     train, val, source = load_sources(cfg, train_files, val_files, sha256, local_dataset)
+    lock = lock_data_dir(cfg.data_dir)  # from here until the files are in place (or removed)
     try:
         if tokenizer is None:
             no_val = None if val is None else []  # the training stories only: the same ones held out, no val source
@@ -293,11 +300,34 @@ def main(argv=None):
     finally:
         for path in tmp.values():
             remove(path)
+        if lock is not None:
+            os.close(lock)
     for split in ("train", "val"):
         c = meta[split]
         print(f"{split}: {c['stories']:,} stories, {c['tokens']:,} tokens ({c['bytes'] / c['tokens']:.2f} bytes/token)"
               f" -> {out[split + '.bin']}")
     return meta
+
+
+def lock_data_dir(data_dir):
+    """
+    One prepare.py at a time per data_dir: two would swap their files in over each other's and could leave one run's
+    meta.json beside the other's .bin files. An advisory lock on the folder itself (no lock file is left behind),
+    which the system drops when the process ends, however it ends. Returns its file descriptor. (Windows has no
+    flock: there, one run per folder is left to the user.)
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    lock = os.open(data_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        raise UserError(f"another prepare.py is writing --data_dir={data_dir}: wait for it to finish (a re-run then "
+                        "finds it up to date), or give this one another --data_dir") from None
+    return lock
 
 
 def check_tokenizer(cfg):
@@ -321,14 +351,21 @@ def check_tokenizer(cfg):
 def find_files(patterns, flag):
     files = []
     for pattern in filter(None, (p.strip() for p in patterns.split(","))):
-        found = sorted(f for f in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(f))
+        pattern = os.path.expanduser(pattern)
+        if os.path.isfile(pattern):  # a file whose name has glob characters ('s[1].txt') is that file
+            found = [pattern]
+        else:
+            found = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
         if not found:
             raise UserError(f"--{flag}: no file matches {pattern!r}; check the path (globs like 'dir/*.txt' work)")
         for f in found:
             if os.path.splitext(f)[1].lower() not in BUILDERS:
                 raise UserError(f"--{flag}: cannot read {f}: use .txt, .parquet, .json or .jsonl files")
         files += found
-    return files
+    first = {}  # a file named twice (or matched by two globs) is read once
+    for f in files:
+        first.setdefault(os.path.realpath(f), f)
+    return list(first.values())
 
 
 def fingerprint(files):
@@ -406,7 +443,8 @@ def load_sources(cfg, train_files, val_files, sha256, local_dataset):
         builder = BUILDERS[os.path.splitext(path)[1].lower()]
         content = "sha256-" + sha256[os.path.abspath(path)]  # the cache entry of exactly these bytes
         column = "text" if builder == "text" else cfg.text_column  # (the text builder's one column)
-        return prepare_splits(builder, path, column, name=content, data_files=[path])["train"]
+        # escaped: datasets expands data_files as globs, and 's[1].txt' would read s1.txt
+        return prepare_splits(builder, path, column, name=content, data_files=[glob.escape(path)])["train"]
 
     try:
         if train_files:
@@ -457,7 +495,11 @@ def read_stories(arrow_files, column, is_txt, chunk_bytes, bar, repair):
                     step = max(1, int(len(text) * chunk_bytes / max(text.nbytes, 1)))
                     for start in range(0, len(text), step):  # Arrow batches can be bigger than a chunk
                         piece = text.slice(start, step)
-                        rows += piece.to_pylist()
+                        try:
+                            rows += piece.to_pylist()
+                        except UnicodeDecodeError as e:  # (a .json/.jsonl/.parquet string that is not UTF-8)
+                            raise UserError(f"a story in the input is not UTF-8 text ({e}): save the files as UTF-8"
+                                            ) from None
                         size += piece.nbytes
                         bar.update(len(piece))
                         if size >= chunk_bytes:
@@ -543,7 +585,10 @@ def train_bpe(vocab_size, texts, path):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT_TEXT], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(texts, trainer)
-    tokenizer.save(path)
+    try:
+        tokenizer.save(path)
+    except Exception as e:  # tokenizers reports a full disk as a bare Exception ("No space left on device")
+        raise OSError(f"writing {path}: {e}") from None
 
 
 def write_tokens(chunks, tokenizer, dtype, train_path, val_path, workers, bar):

@@ -552,7 +552,12 @@ def get_batch(data_dir, meta, split, starts, block_size, device):
     memory would grow with the step count (nanoGPT issue #287).
     """
     info = meta[split]
-    data = np.memmap(os.path.join(data_dir, info["file"]), dtype=np.dtype(meta["dtype"]), mode="r")
+    path = os.path.join(data_dir, info["file"])
+    data = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
+    if len(data) != info["tokens"]:  # prepare.py rebuilt the folder under a running job: other data, maybe other ids
+        raise UserError(f"{path} changed during the run: it holds {len(data):,} tokens, and {info['tokens']:,} when "
+                        "the run started. Let prepare.py finish, then continue with --init_from=resume (or rebuild "
+                        "data into another --data_dir while training)")
     check_split_length(split, len(data), block_size)
     windows = torch.from_numpy(data[np.asarray(starts)[:, None] + np.arange(block_size + 1)].astype(np.int64))
     if device.type == "cuda":  # pinned memory lets the copy overlap with the GPU's work

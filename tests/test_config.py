@@ -88,7 +88,9 @@ def test_a_config_file_with_a_byte_order_mark(tmp_path):
 
 
 @pytest.mark.parametrize("name, text", [("nan.json", '{"learning_rate": NaN}'), ("inf.py", "learning_rate = 1e999\n"),
-                                        ("inf.json", '{"learning_rate": -Infinity}')])
+                                        ("inf.json", '{"learning_rate": -Infinity}'),
+                                        ("huge.py", f"learning_rate = 1{'0' * 400}\n"),  # an int: float() overflows
+                                        ("huge.json", f'{{"learning_rate": -1{"0" * 400}}}')])
 def test_config_files_take_finite_numbers_only(tmp_path, name, text):
     (tmp_path / name).write_text(text)
     with pytest.raises(UserError, match="--learning_rate must be a finite number"):

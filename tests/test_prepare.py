@@ -359,9 +359,9 @@ def test_bpe_trains_saves_and_round_trips_any_text(tmp_path):
 # errors: one line each, naming the problem and the fix
 
 
-def error_of(tmp_path, *flags):
+def error_of(tmp_path, *flags, out="out"):
     with pytest.raises(UserError) as e:
-        run(tmp_path, *flags)
+        run(tmp_path, *flags, out=out)
     message = str(e.value)
     assert "\n" not in message
     return message
@@ -389,6 +389,62 @@ def test_errors_for_bad_files_columns_and_splits(tmp_path):
     message = error_of(tmp_path, f"--dataset={tmp_path / 'no-such-folder'}")
     assert "check --dataset, or give local files with --train_files" in message
     assert not (tmp_path / "out" / "meta.json").exists() and not os.listdir(tmp_path / "out")
+
+
+def test_inputs_named_twice_are_read_once_and_a_copy_of_val_in_train_is_refused(tmp_path):
+    write_official_txt(tmp_path / "train.txt", STORIES)
+    os.mkdir(tmp_path / "v")
+    write_official_txt(tmp_path / "v" / "val.txt", ["v"])
+    val = tmp_path / "v" / "val.txt"
+    run(tmp_path, f"--train_files={tmp_path / 'train.txt'},{tmp_path / '*.txt'},{tmp_path / 'train.txt'}",
+        f"--val_files={val},{val}")
+    assert np.array_equal(tokens(tmp_path / "out", "train"), gpt2_ids(TXT_STORIES))  # once, not three times
+    assert np.array_equal(tokens(tmp_path / "out", "val"), gpt2_ids(["v"]))
+    os.link(val, tmp_path / "v.txt")  # the same bytes under another name
+    message = error_of(tmp_path, f"--train_files={tmp_path / 'v.txt'},{tmp_path / 'train.txt'}", f"--val_files={val}",
+                       out="out2")
+    assert message.startswith(f"{val} (--val_files) holds the same bytes as {tmp_path / 'v.txt'} (--train_files)")
+
+
+def test_a_file_name_with_glob_characters_is_that_file(tmp_path):
+    write_official_txt(tmp_path / "s[1].txt", STORIES)
+    write_official_txt(tmp_path / "s1.txt", ["the wrong file"])
+    write_official_txt(tmp_path / "val.txt", ["v"])
+    run(tmp_path, f"--train_files={tmp_path / 's[1].txt'}", f"--val_files={tmp_path / 'val.txt'}")
+    assert np.array_equal(tokens(tmp_path / "out", "train"), gpt2_ids(TXT_STORIES))
+
+
+def test_a_second_prepare_into_a_folder_being_written_is_refused_and_touches_nothing(tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    write_official_txt(tmp_path / "train.txt", STORIES)
+    write_official_txt(tmp_path / "val.txt", ["v"])
+    flags = [f"--train_files={tmp_path / 'train.txt'}", f"--val_files={tmp_path / 'val.txt'}"]
+    run(tmp_path, *flags)
+    (tmp_path / "out" / "train.bin.tmp").write_bytes(b"the other run's work")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    other_run = os.open(tmp_path / "out", os.O_RDONLY)  # holds the folder's lock, as a running prepare.py does
+    fcntl.flock(other_run, fcntl.LOCK_EX)
+    try:
+        message = error_of(tmp_path, *flags, "--force=True")
+    finally:
+        os.close(other_run)
+    assert message.startswith(f"another prepare.py is writing --data_dir={tmp_path / 'out'}: wait for it")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    run(tmp_path, *flags, "--force=True")  # once it is done, the folder is free
+    assert sorted(os.listdir(tmp_path / "out")) == ["meta.json", "train.bin", "val.bin"]
+
+
+def test_column_text_that_is_not_utf8_is_a_one_line_error(tmp_path):
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "caf\xe9 story"}\n')  # Latin-1, not UTF-8
+    write_official_txt(tmp_path / "val.txt", ["v"])
+    message = error_of(tmp_path, f"--train_files={tmp_path / 'bad.jsonl'}", f"--val_files={tmp_path / 'val.txt'}")
+    assert message.startswith("a story in the input is not UTF-8 text (")
+    assert message.endswith("save the files as UTF-8")
+
+
+def test_a_tokenizer_that_cannot_be_saved_is_an_os_error(tmp_path):
+    with pytest.raises(OSError, match="writing .*tokenizer.json"):  # main() turns OSErrors into one line
+        prepare.train_bpe(300, iter([STORIES]), str(tmp_path / "missing-folder" / "tokenizer.json"))
 
 
 def test_errors_for_settings_output_and_hub(tmp_path):

@@ -215,9 +215,27 @@ def test_chunked_loss_under_no_grad_is_the_same_loss_without_gradients():
 def test_get_batch_reads_uint32_streams(tmp_path):
     ids = np.arange(100, 200, dtype=np.uint32) + 70_000
     ids.tofile(tmp_path / "val.bin")
-    meta = {"dtype": "uint32", "val": {"file": "val.bin"}}
+    meta = {"dtype": "uint32", "val": {"file": "val.bin", "tokens": 100}}
     x, y = get_batch(str(tmp_path), meta, "val", np.array([0, 50, 91]), 8, torch.device("cpu"))
     assert x.min().item() >= 70_100 and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_data_rebuilt_under_a_running_job_stops_it_with_a_message(data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run_train(data_dir, out, "--max_iters=2", "--eval_interval=2")
+    load_meta = train.load_meta
+
+    def rebuilt_after_loading(folder):  # prepare.py swaps in other data once the run has read meta.json
+        meta = load_meta(folder)
+        np.zeros(1000, dtype=np.uint16).tofile(os.path.join(folder, "train.bin"))
+        return meta
+
+    monkeypatch.setattr(train, "load_meta", rebuilt_after_loading)
+    with pytest.raises(UserError, match=r"train.bin changed during the run: it holds 1,000 tokens, and [0-9,]+ "
+                                        r"when the run started\. Let prepare.py finish, then continue with "
+                                        r"--init_from=resume"):
+        run_train(data_dir, out, "--max_iters=4", "--eval_interval=4", "--init_from=resume")
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 2  # the last good checkpoint stays
 
 
 def test_data_shorter_than_block_size_names_both_sizes(data_dir, tmp_path):
