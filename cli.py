@@ -50,10 +50,9 @@ def _terminated(signum, frame):
 def run_main(main, argv=None):
     """
     Run a script's main(); a UserError becomes 'script: error: ...' on stderr and exit code 2. Ctrl-C (or SIGTERM)
-    becomes
-    'script: interrupted' (with what was kept, when main says: raise KeyboardInterrupt('saved ...')) and exit code
-    130, as the shell reports a program that SIGINT ended. A broken pipe (`python sample.py | head`) ends quietly with
-    the exit code of a program that SIGPIPE ended, 141.
+    becomes 'script: interrupted' (with what was kept, when main says: raise KeyboardInterrupt('saved ...')) and exit
+    code 130, as the shell reports a program that SIGINT ended. A broken pipe (`python sample.py | head`) ends quietly
+    with the exit code of a program that SIGPIPE ended, 141.
     """
     name = os.path.basename(sys.argv[0]) or "slm"
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is a KeyboardInterrupt again, caught below

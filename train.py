@@ -523,8 +523,8 @@ def train_window_starts(seed, first, count, split_tokens, block_size):
     every block_size-aligned window of the split once, in a shuffled order and shifted by a random offset, so every
     token (but for up to two windows' worth at the split's ends, which one window per epoch leaves room for the
     offset) is trained on equally often and in a different position each epoch. Random windows drawn with replacement
-    leave e^-k of the tokens unseen after k epochs and show others twice as often as the mean: over 4 epochs
-    of the CPU recipe, 0.926 and 0.932 bits/byte (two seeds) against 0.908 and 0.905 in epochs (benchmarks/README.md).
+    leave e^-k of the tokens unseen after k epochs and show others twice as often as the mean: over 4 epochs of the
+    CPU recipe, 0.926 and 0.932 bits/byte (two seeds) against 0.908 and 0.905 in epochs (benchmarks/README.md).
     A function of (seed, window index) only, so a resumed run, and a run on any number of processes, sees the same
     windows.
     """
