@@ -158,6 +158,8 @@ def _read_config_file(path, fields):
         folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
         raise UserError(f"{path} is not a config file ({usage}); to use the run in {folder}, give "
                         f"--out_dir={folder}")
+    if "train_files" in fields and path.lower().endswith((".txt", ".jsonl", ".parquet", ".csv", ".arrow")):
+        raise UserError(f"{path} is not a config file ({usage}); to prepare it, give --train_files={path}")
     try:
         with open(path, encoding="utf-8-sig") as f:  # (Notepad's byte-order mark is dropped)
             text = f.read()

@@ -460,6 +460,13 @@ def test_column_text_that_is_not_utf8_is_a_one_line_error(tmp_path):
     assert message.endswith("save the files as UTF-8")
 
 
+def test_a_text_file_given_as_a_config_file_points_at_train_files(tmp_path):
+    write_official_txt(tmp_path / "stories.txt", STORIES)
+    with pytest.raises(UserError, match=r"stories.txt is not a config file \(positional arguments are config files; "
+                                        r".*\); to prepare it, give --train_files=.*stories.txt$"):
+        prepare.main([str(tmp_path / "stories.txt")])
+
+
 def test_a_tokenizer_that_cannot_be_saved_is_an_os_error(tmp_path):
     with pytest.raises(OSError, match="writing .*tokenizer.json"):  # main() turns OSErrors into one line
         prepare.train_bpe(300, iter([STORIES]), str(tmp_path / "missing-folder" / "tokenizer.json"))
