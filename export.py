@@ -32,7 +32,7 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 from prepare import EOT_TEXT, load_tokenizer  # noqa: E402
-from train import bits_per_byte, eval_starts, load_checkpoint  # noqa: E402
+from train import ARCHITECTURE, bits_per_byte, eval_starts, load_checkpoint  # noqa: E402
 
 
 @dataclass
@@ -273,8 +273,7 @@ def model_card(checkpoint, model):
     meta, args, config = checkpoint["meta"], checkpoint["model_args"], checkpoint["config"]
     shape = {**args, "gelu": args.get("gelu", "tanh")}  # (checkpoints from before the setting: tanh)
     # the configuration shown names the model's own shape, which a resume by an older train.py did not record there
-    config = {**config, **{name: shape[name] for name in ("n_layer", "n_head", "n_embd", "block_size", "bias", "gelu")
-                           if name in config}}
+    config = {**config, **{name: shape[name] for name in ARCHITECTURE if name in config}}
     loss, which = checkpoint_val_loss(checkpoint)
     if math.isfinite(loss):
         score = (f"{which} val loss **{loss:.4f}** nats/token (perplexity {math.exp(loss):.2f}), "

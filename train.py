@@ -214,6 +214,9 @@ class GPTConfig:
     gelu: str = "tanh"  # GPT-2's tanh approximation, or exact (erf); checkpoints from before this setting are tanh
 
 
+ARCHITECTURE = ("n_layer", "n_head", "n_embd", "block_size", "bias", "gelu")  # the model's shape: TrainConfig's too
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (PyTorch's always has one)."""
 
@@ -558,7 +561,6 @@ def get_batch(data_dir, meta, split, starts, block_size, device):
         raise UserError(f"{path} changed during the run: it holds {len(data):,} tokens, and {info['tokens']:,} when "
                         "the run started. Let prepare.py finish, then continue with --init_from=resume (or rebuild "
                         "data into another --data_dir while training)")
-    check_split_length(split, len(data), block_size)
     windows = torch.from_numpy(data[np.asarray(starts)[:, None] + np.arange(block_size + 1)].astype(np.int64))
     if device.type == "cuda":  # pinned memory lets the copy overlap with the GPU's work
         windows = windows.pin_memory().to(device, non_blocking=True)
@@ -1147,7 +1149,7 @@ def main(argv=None):
             say(f"dropout {checkpoint['model_args']['dropout']} -> {config.dropout} (--dropout)")
         # so the config saved with it (and shown by wandb and export.py's model card) describes this model
         architecture = {name: model_args.get(name, getattr(GPTConfig, name))  # (older checkpoints: the default)
-                        for name in ("n_layer", "n_head", "n_embd", "block_size", "bias", "gelu")}
+                        for name in ARCHITECTURE}
         ignored = [f"--{name}={getattr(config, name)}" for name, value in architecture.items()
                    if getattr(config, name) != value]
         if ignored:
@@ -1180,9 +1182,8 @@ def main(argv=None):
                             f"--optimizer={optimized_with}")
         say(f"resuming from {ckpt_path} at iter {iter_num}")
     else:
-        model_args = dict(block_size=config.block_size, vocab_size=meta["vocab_size"], n_layer=config.n_layer,
-                          n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout, bias=config.bias,
-                          gelu=config.gelu)
+        model_args = {**{name: getattr(config, name) for name in ARCHITECTURE}, "vocab_size": meta["vocab_size"],
+                      "dropout": config.dropout}
     model = GPT(GPTConfig(**model_args))
     if config.init_from == "resume":
         model.load_state_dict(checkpoint["model"])

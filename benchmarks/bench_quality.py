@@ -14,7 +14,6 @@ val bits/byte, and the steps, training seconds and whole-process seconds it took
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,7 +21,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from cli import UserError, parse_config, run_main  # noqa: E402
+from bench_train import run_checked  # noqa: E402
+from cli import parse_config, run_main  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -45,11 +45,8 @@ def run_one(cfg, optimizer, out_dir):
                "--init_from=scratch", "--overwrite=True", *budget, *cfg.flags.split()]  # (a rerun starts over)
     print("$ " + " ".join(command[1:]), flush=True)
     t0 = time.time()
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    run_checked(command, cwd=ROOT)  # (a failure ends the benchmark with train.py's own error line)
     wall = time.time() - t0
-    if result.returncode:
-        said = (result.stderr.strip().splitlines() or ["(nothing on stderr)"])[-1]
-        raise UserError(f"train.py failed for --optimizer={optimizer}: {said}")
     with open(os.path.join(out_dir, "log.jsonl"), encoding="utf-8") as f:
         last = [json.loads(line) for line in f if line.strip()][-1]
     return dict(last, wall_s=wall)

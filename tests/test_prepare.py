@@ -298,20 +298,27 @@ def test_crash_while_swapping_files_leaves_no_meta(tmp_path, monkeypatch):
     assert prepare_small(tmp_path)["train"]["stories"] == len(STORIES)  # and the next run rebuilds
 
 
-def test_kill_9_mid_write_leaves_no_trusted_mismatch(tmp_path):
+def signal_mid_write(tmp_path, signum):
+    """Build a dataset, start rebuilding it with another seed, and send signum while train.bin.tmp is being written.
+    Returns the rebuild command, the first build's files and the signalled process."""
     corpus = tmp_path / "train.txt"
     write_official_txt(corpus, [f"Story {i}: " + "the cat sat on the mat. " * 40 for i in range(5000)])
     base = [sys.executable, os.path.join(ROOT, "prepare.py"), f"--train_files={corpus}", "--val_fraction=0.01",
-            f"--data_dir={tmp_path / 'out'}", f"--cache_dir={tmp_path / 'hf-cache'}", "--chunk_mb=0.002"]
-    subprocess.run(base, check=True, capture_output=True)
+            f"--data_dir={tmp_path / 'out'}", f"--cache_dir={tmp_path / 'hf-cache'}", "--chunk_mb=0.002", "--seed=2"]
+    subprocess.run(base[:-1], check=True, capture_output=True)
     old = snapshot(tmp_path / "out")
-    proc = subprocess.Popen(base + ["--seed=2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(base, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     tmp_bin = tmp_path / "out" / "train.bin.tmp"
     deadline = time.time() + 60
     while proc.poll() is None and time.time() < deadline and not (tmp_bin.exists() and tmp_bin.stat().st_size > 0):
         time.sleep(0.005)
-    assert tmp_bin.exists(), "the kill must land while train.bin.tmp is being written"
-    proc.send_signal(signal.SIGKILL)
+    assert tmp_bin.exists(), "the signal must land while train.bin.tmp is being written"
+    proc.send_signal(signum)
+    return base, old, proc
+
+
+def test_kill_9_mid_write_leaves_no_trusted_mismatch(tmp_path):
+    base, old, proc = signal_mid_write(tmp_path, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     files = snapshot(tmp_path / "out")
     meta = json.loads(files["meta.json"]) if "meta.json" in files else None
@@ -319,24 +326,12 @@ def test_kill_9_mid_write_leaves_no_trusted_mismatch(tmp_path):
         assert {p: files[p] for p in old} == old
     elif meta is not None:  # (only if the kill came too late) the new output, whole
         assert len(files["train.bin"]) == 2 * meta["train"]["tokens"]
-    subprocess.run(base + ["--seed=2"], check=True, capture_output=True)
+    subprocess.run(base, check=True, capture_output=True)
     assert not [p for p in os.listdir(tmp_path / "out") if p.endswith(".tmp")]
 
 
 def test_sigterm_mid_write_keeps_the_old_output_and_leaves_no_temporary_files(tmp_path):
-    corpus = tmp_path / "train.txt"
-    write_official_txt(corpus, [f"Story {i}: " + "the cat sat on the mat. " * 40 for i in range(5000)])
-    base = [sys.executable, os.path.join(ROOT, "prepare.py"), f"--train_files={corpus}", "--val_fraction=0.01",
-            f"--data_dir={tmp_path / 'out'}", f"--cache_dir={tmp_path / 'hf-cache'}", "--chunk_mb=0.002"]
-    subprocess.run(base, check=True, capture_output=True)
-    old = snapshot(tmp_path / "out")
-    proc = subprocess.Popen(base + ["--seed=2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    tmp_bin = tmp_path / "out" / "train.bin.tmp"
-    deadline = time.time() + 60
-    while proc.poll() is None and time.time() < deadline and not (tmp_bin.exists() and tmp_bin.stat().st_size > 0):
-        time.sleep(0.005)
-    assert tmp_bin.exists(), "the signal must land while train.bin.tmp is being written"
-    proc.send_signal(signal.SIGTERM)  # timeout's, or a job scheduler's: cleaned up as Ctrl-C is
+    _, old, proc = signal_mid_write(tmp_path, signal.SIGTERM)  # timeout's, or a job scheduler's: as Ctrl-C
     assert proc.wait() == 130 and proc.stderr.read().endswith("\nprepare.py: interrupted\n")  # (after the bar)
     assert snapshot(tmp_path / "out") == old  # the old output whole, and no .tmp file left behind
 
