@@ -11,6 +11,7 @@ train.py, sample.py and export.py load it through load_tokenizer.
 """
 
 import dataclasses
+import errno
 import glob
 import hashlib
 import itertools
@@ -154,7 +155,8 @@ def _load_tiktoken_gpt2():
 # In .txt files, the line breaks at the start and end of a story belong to the separator and are dropped; everything
 # else is kept. .txt files are read as text, so Windows '\r\n' line ends become '\n' (the same tokens as the file
 # saved with '\n'), and a byte-order mark at the start (as Notepad writes) is dropped; the columnar formats keep every
-# character as stored. Literal '<|endoftext|>' text stays text. A --dataset of .txt files reads them the same way.
+# character as stored. Text is UTF-8: .txt/.json/.jsonl files with NUL bytes (UTF-16) are refused before datasets
+# reads them, and other encodings fail as datasets decodes them (source_error). Literal '<|endoftext|>' text stays text. A --dataset of .txt files reads them the same way.
 
 
 @dataclasses.dataclass
@@ -218,6 +220,11 @@ def main(argv=None):
                         "stories it trained on: give each split its own files")
     if not train_files and os.path.isfile(cfg.dataset):
         raise UserError(f"--dataset={cfg.dataset} is a file: give local files with --train_files (and --val_files)")
+    outputs = {os.path.realpath(os.path.join(cfg.data_dir, name)) for name in ("meta.json", "tokenizer.json")}
+    for flag, f in [("train_files", f) for f in train_files] + [("val_files", f) for f in val_files]:
+        if os.path.realpath(f) in outputs:  # ('data/*.json*' with --data_dir=data: a re-run would read its meta.json)
+            raise UserError(f"--{flag} matches {f}, which prepare.py writes into --data_dir={cfg.data_dir}: name the "
+                            "stories' files alone (for example 'dir/*.jsonl'), or give the data a folder of its own")
     # Everything that decides the output, inputs included (local files by size, modification time and the sha256 of
     # their bytes, which catches a file replaced by one of the same size and time, as `cp -p` and rsync leave it),
     # so a re-run can tell that data_dir already holds exactly this without tokenizing the corpus.
@@ -232,8 +239,15 @@ def main(argv=None):
         raise UserError(f"{copies[0][0]} (--val_files) holds the same bytes as {copies[0][1]} (--train_files), so the "
                         "model would be evaluated on stories it trained on: give each split its own files")
     if local_dataset:  # a dataset folder on disk: its files are inputs too
-        settings["dataset_files"] = fingerprint(sorted(
-            f for f in glob.glob(os.path.join(glob.escape(cfg.dataset), "**"), recursive=True) if os.path.isfile(f)))
+        folder = os.path.realpath(cfg.dataset)
+        if os.path.commonpath([folder, os.path.realpath(cfg.data_dir)]) == folder:
+            raise UserError(f"--data_dir={cfg.data_dir} is inside --dataset={cfg.dataset}, so the output would join "
+                            "the input and every run would rebuild: give the data a folder outside it")
+        dataset_files = sorted(
+            f for f in glob.glob(os.path.join(glob.escape(cfg.dataset), "**"), recursive=True) if os.path.isfile(f))
+        for f in dataset_files:
+            check_utf8(f, "--dataset")
+        settings["dataset_files"] = fingerprint(dataset_files)
     meta = None if cfg.force else read_meta_if_complete(cfg.data_dir, settings)
     if meta:
         print(f"{cfg.data_dir} is up to date ({meta['train']['tokens']:,} train and {meta['val']['tokens']:,} val "
@@ -361,11 +375,33 @@ def find_files(patterns, flag):
         for f in found:
             if os.path.splitext(f)[1].lower() not in BUILDERS:
                 raise UserError(f"--{flag}: cannot read {f}: use .txt, .parquet, .json or .jsonl files")
+            check_utf8(f, f"--{flag}")
         files += found
     first = {}  # a file named twice (or matched by two globs) is read once
     for f in files:
         first.setdefault(os.path.realpath(f), f)
     return list(first.values())
+
+
+def check_utf8(path, flag):
+    """Refuse a text file (.txt, .json, .jsonl) that starts as UTF-16 or UTF-32: its NUL bytes are valid UTF-8, so it
+    would otherwise be read as one long story of garbage (UTF-16 without a byte-order mark) or fail deep in datasets.
+    Text in other 8-bit encodings fails later, when datasets decodes it, and gets its own error (source_error)."""
+    if BUILDERS.get(os.path.splitext(path)[1].lower()) not in ("text", "json"):
+        return
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError as e:
+        raise UserError(f"{flag}: cannot read {path} ({e.strerror})") from None
+    if b"\x00" in head:  # (stories never hold NUL characters; every other character of UTF-16 English text is one)
+        raise UserError(f"{flag}: {path} is not UTF-8 text (it holds NUL bytes: UTF-16 or UTF-32, or not text at all): "
+                        f"save it as UTF-8, for example iconv -f UTF-16 -t UTF-8 {path} > {stem_utf8(path)}")
+
+
+def stem_utf8(path):
+    stem, ext = os.path.splitext(path)
+    return f"{stem}-utf8{ext}"
 
 
 def fingerprint(files):
@@ -444,7 +480,12 @@ def load_sources(cfg, train_files, val_files, sha256, local_dataset):
         content = "sha256-" + sha256[os.path.abspath(path)]  # the cache entry of exactly these bytes
         column = "text" if builder == "text" else cfg.text_column  # (the text builder's one column)
         # escaped: datasets expands data_files as globs, and 's[1].txt' would read s1.txt
-        return prepare_splits(builder, path, column, name=content, data_files=[glob.escape(path)])["train"]
+        try:
+            return prepare_splits(builder, path, column, name=content, data_files=[glob.escape(path)])["train"]
+        except (datasets.exceptions.DatasetGenerationError, pa.ArrowException, OSError) as e:
+            if (error := source_error(e, path, cfg.cache_dir)) is None:
+                raise
+            raise error from None
 
     try:
         if train_files:
@@ -470,12 +511,34 @@ def load_sources(cfg, train_files, val_files, sha256, local_dataset):
                         "use --train_files") from None
     except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as e:  # (a local path: FileNotFoundError)
         raise UserError(f"{str(e).splitlines()[0]}; check --dataset, or give local files with --train_files") from None
-    except (datasets.exceptions.DatasetGenerationError, pa.ArrowException) as e:  # a malformed local file
-        cause = str(e.__cause__ or e).splitlines()[0]
-        raise UserError(f"datasets could not read the files ({cause}); check that they are valid") from None
+    except (datasets.exceptions.DatasetGenerationError, pa.ArrowException, OSError) as e:  # a malformed file, a full
+        if (error := source_error(e, f"--dataset={cfg.dataset}", cfg.cache_dir)) is None:  # cache
+            raise
+        raise error from None
     if val is None:
         source["val"] = f"{cfg.val_fraction} of the training stories held out (seed {cfg.seed})"
     return train, val, source
+
+
+def source_error(e, what, cache_dir):
+    """The one-line error for datasets failing to turn `what` into its Arrow cache: text that is not UTF-8, a full
+    cache, or a malformed file; None for any other OSError (a network's among them), which passes on unchanged."""
+    import datasets
+    import pyarrow as pa
+
+    cause = e.__cause__ or e if isinstance(e, datasets.exceptions.DatasetGenerationError) else e
+    if isinstance(cause, UnicodeDecodeError):
+        bad = cause.object[cause.start:cause.start + 1].hex()
+        fix = f"iconv -f CP1252 -t UTF-8 {what} > {stem_utf8(what)}" if os.path.isfile(what) else "iconv"
+        return UserError(f"{what} is not UTF-8 text (byte 0x{bad} cannot start or continue a character): save it as "
+                         f"UTF-8, for example from Windows-1252 with {fix}")
+    if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        cache = cache_dir or datasets.config.HF_DATASETS_CACHE
+        return UserError(f"cannot write the datasets cache at {cache} while reading {what} ({cause.strerror}): free "
+                         "some space there, or point --cache_dir=DIR at a disk with room")
+    if isinstance(e, OSError) and not isinstance(e, pa.ArrowException):
+        return None
+    return UserError(f"datasets could not read {what} ({str(cause).splitlines()[0]}); check that it is valid")
 
 
 def read_stories(arrow_files, column, is_txt, chunk_bytes, bar, repair):

@@ -693,7 +693,7 @@ def test_unreadable_sources_are_one_line_errors(tmp_path, capsys, case):
     if case == "not parquet":
         (tmp_path / "train.parquet").write_bytes(b"PAR1 but not really" * 50)
         flags = [f"--train_files={tmp_path / 'train.parquet'}"]
-        message = "datasets could not read the files (Parquet magic bytes not found"
+        message = f"datasets could not read {tmp_path / 'train.parquet'} (Parquet magic bytes not found"
     else:
         (tmp_path / "hub").mkdir()
         flags = [f"--dataset={tmp_path / 'hub'}"]

@@ -455,6 +455,73 @@ def test_column_text_that_is_not_utf8_is_a_one_line_error(tmp_path):
     assert message.endswith("save the files as UTF-8")
 
 
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16", "utf-32"])  # (no byte-order mark, then with one)
+@pytest.mark.parametrize("name", ["train.txt", "train.jsonl"])
+def test_utf16_text_is_refused_naming_the_file_and_the_fix(tmp_path, encoding, name):
+    # UTF-16 without a byte-order mark decodes as UTF-8 without an error: one long story of NUL-riddled garbage
+    text = "".join(json.dumps({"text": s}) + "\n" for s in STORIES) if name.endswith(".jsonl") else "\n\n".join(STORIES)
+    (tmp_path / name).write_bytes(text.encode(encoding))
+    write_official_txt(tmp_path / "val.txt", ["v"])
+    message = error_of(tmp_path, f"--train_files={tmp_path / name}", f"--val_files={tmp_path / 'val.txt'}")
+    stem = os.path.splitext(tmp_path / name)[0]
+    assert message == (f"--train_files: {tmp_path / name} is not UTF-8 text (it holds NUL bytes: UTF-16 or UTF-32, or "
+                       f"not text at all): save it as UTF-8, for example iconv -f UTF-16 -t UTF-8 {tmp_path / name} > "
+                       f"{stem}-utf8{os.path.splitext(name)[1]}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_txt_in_another_8_bit_encoding_is_refused_naming_the_file(tmp_path):
+    (tmp_path / "train.txt").write_bytes("A caf\u00e9 story \u201cquoted\u201d.\n".encode("cp1252"))
+    write_official_txt(tmp_path / "val.txt", ["v"])
+    message = error_of(tmp_path, f"--train_files={tmp_path / 'train.txt'}", f"--val_files={tmp_path / 'val.txt'}")
+    assert message == (f"{tmp_path / 'train.txt'} is not UTF-8 text (byte 0xe9 cannot start or continue a character): "
+                       "save it as UTF-8, for example from Windows-1252 with iconv -f CP1252 -t UTF-8 "
+                       f"{tmp_path / 'train.txt'} > {tmp_path / 'train-utf8.txt'}")
+    assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_a_utf16_file_in_a_dataset_folder_is_refused(tmp_path):
+    os.mkdir(tmp_path / "ds")
+    (tmp_path / "ds" / "train.txt").write_bytes("\n\n".join(STORIES).encode("utf-16-le"))
+    message = error_of(tmp_path, f"--dataset={tmp_path / 'ds'}")
+    assert message.startswith(f"--dataset: {tmp_path / 'ds' / 'train.txt'} is not UTF-8 text (it holds NUL bytes")
+
+
+def test_a_full_datasets_cache_says_where_it_is_and_names_cache_dir(tmp_path, monkeypatch):
+    import datasets.arrow_writer
+
+    def disk_full(self, *args, **kwargs):  # datasets writing its Arrow copy of a local file into the cache
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(datasets.arrow_writer.ArrowWriter, "write_table", disk_full)
+    write_official_txt(tmp_path / "train.txt", STORIES)
+    write_official_txt(tmp_path / "val.txt", ["v"])
+    message = error_of(tmp_path, f"--train_files={tmp_path / 'train.txt'}", f"--val_files={tmp_path / 'val.txt'}")
+    assert message == (f"cannot write the datasets cache at {tmp_path / 'hf-cache'} while reading "
+                       f"{tmp_path / 'train.txt'} (No space left on device): free some space there, or point "
+                       "--cache_dir=DIR at a disk with room")
+
+
+def test_outputs_never_become_inputs(tmp_path, capsys):
+    os.mkdir(tmp_path / "data")
+    write_column_file(tmp_path / "data" / "stories.jsonl", STORIES * 20)
+    flags = [f"--train_files={tmp_path / 'data' / '*.json*'}", "--val_fraction=0.2", "--tokenizer=bpe:300"]
+    run(tmp_path, *flags, out="data")  # the first run matches only the stories
+    message = error_of(tmp_path, *flags, out="data")  # the second would read meta.json (and tokenizer.json) as stories
+    assert message == (f"--train_files matches {tmp_path / 'data' / 'meta.json'}, which prepare.py writes into "
+                       f"--data_dir={tmp_path / 'data'}: name the stories' files alone (for example 'dir/*.jsonl'), or "
+                       "give the data a folder of its own")
+    run(tmp_path, f"--train_files={tmp_path / 'data' / '*.jsonl'}", *flags[1:], out="data")
+    assert "is up to date" in capsys.readouterr().out
+    os.mkdir(tmp_path / "ds")
+    write_official_txt(tmp_path / "ds" / "train.txt", STORIES)
+    for out in ("ds", "ds/tokens"):  # every file of a dataset folder is its input: each run would rebuild
+        message = error_of(tmp_path, f"--dataset={tmp_path / 'ds'}", out=out)
+        assert message == (f"--data_dir={tmp_path / out} is inside --dataset={tmp_path / 'ds'}, so the output would "
+                           "join the input and every run would rebuild: give the data a folder outside it")
+    assert os.listdir(tmp_path / "ds") == ["train.txt"]
+
+
 def test_a_text_file_given_as_a_config_file_points_at_train_files(tmp_path):
     write_official_txt(tmp_path / "stories.txt", STORIES)
     with pytest.raises(UserError, match=r"stories.txt is not a config file \(positional arguments are config files; "
