@@ -155,8 +155,9 @@ def _load_tiktoken_gpt2():
 # In .txt files, the line breaks at the start and end of a story belong to the separator and are dropped; everything
 # else is kept. .txt files are read as text, so Windows '\r\n' line ends become '\n' (the same tokens as the file
 # saved with '\n'), and a byte-order mark at the start (as Notepad writes) is dropped; the columnar formats keep every
-# character as stored. Text is UTF-8: .txt/.json/.jsonl files with NUL bytes (UTF-16) are refused before datasets
-# reads them, and other encodings fail as datasets decodes them (source_error). Literal '<|endoftext|>' text stays text. A --dataset of .txt files reads them the same way.
+# character as stored. Literal '<|endoftext|>' text stays text. A --dataset of .txt files reads them the same way.
+# Text is UTF-8: .txt/.json/.jsonl files with NUL bytes (UTF-16) are refused before datasets reads them (check_utf8),
+# and other encodings fail as datasets decodes them (source_error).
 
 
 @dataclasses.dataclass
@@ -396,10 +397,10 @@ def check_utf8(path, flag):
         raise UserError(f"{flag}: cannot read {path} ({e.strerror})") from None
     if b"\x00" in head:  # (stories never hold NUL characters; every other character of UTF-16 English text is one)
         raise UserError(f"{flag}: {path} is not UTF-8 text (it holds NUL bytes: UTF-16 or UTF-32, or not text at all): "
-                        f"save it as UTF-8, for example iconv -f UTF-16 -t UTF-8 {path} > {stem_utf8(path)}")
+                        f"save it as UTF-8, for example iconv -f UTF-16 -t UTF-8 {path} > {utf8_name(path)}")
 
 
-def stem_utf8(path):
+def utf8_name(path):
     stem, ext = os.path.splitext(path)
     return f"{stem}-utf8{ext}"
 
@@ -529,9 +530,12 @@ def source_error(e, what, cache_dir):
     cause = e.__cause__ or e if isinstance(e, datasets.exceptions.DatasetGenerationError) else e
     if isinstance(cause, UnicodeDecodeError):
         bad = cause.object[cause.start:cause.start + 1].hex()
-        fix = f"iconv -f CP1252 -t UTF-8 {what} > {stem_utf8(what)}" if os.path.isfile(what) else "iconv"
-        return UserError(f"{what} is not UTF-8 text (byte 0x{bad} cannot start or continue a character): save it as "
-                         f"UTF-8, for example from Windows-1252 with {fix}")
+        if os.path.isfile(what):
+            return UserError(f"{what} is not UTF-8 text (byte 0x{bad} cannot start or continue a character): save it "
+                             f"as UTF-8, for example from Windows-1252 with iconv -f CP1252 -t UTF-8 {what} > "
+                             f"{utf8_name(what)}")
+        return UserError(f"a file of {what} is not UTF-8 text (byte 0x{bad} cannot start or continue a character): "
+                         "save its files as UTF-8 (iconv converts them)")
     if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
         cache = cache_dir or datasets.config.HF_DATASETS_CACHE
         return UserError(f"cannot write the datasets cache at {cache} while reading {what} ({cause.strerror}): free "

@@ -480,11 +480,15 @@ def test_txt_in_another_8_bit_encoding_is_refused_naming_the_file(tmp_path):
     assert not (tmp_path / "out" / "meta.json").exists()
 
 
-def test_a_utf16_file_in_a_dataset_folder_is_refused(tmp_path):
+def test_text_that_is_not_utf8_in_a_dataset_folder_is_refused(tmp_path):
     os.mkdir(tmp_path / "ds")
     (tmp_path / "ds" / "train.txt").write_bytes("\n\n".join(STORIES).encode("utf-16-le"))
     message = error_of(tmp_path, f"--dataset={tmp_path / 'ds'}")
     assert message.startswith(f"--dataset: {tmp_path / 'ds' / 'train.txt'} is not UTF-8 text (it holds NUL bytes")
+    (tmp_path / "ds" / "train.txt").write_bytes("A caf\u00e9 story.\n".encode("cp1252"))
+    message = error_of(tmp_path, f"--dataset={tmp_path / 'ds'}")
+    assert message == (f"a file of --dataset={tmp_path / 'ds'} is not UTF-8 text (byte 0xe9 cannot start or continue a "
+                       "character): save its files as UTF-8 (iconv converts them)")
 
 
 def test_a_full_datasets_cache_says_where_it_is_and_names_cache_dir(tmp_path, monkeypatch):
