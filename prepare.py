@@ -10,6 +10,7 @@ meta.json (tokenizer, vocabulary, counts, source, settings). The tokenizer lives
 train.py, sample.py and export.py load it through load_tokenizer.
 """
 
+import codecs
 import dataclasses
 import errno
 import glob
@@ -240,12 +241,13 @@ def main(argv=None):
         raise UserError(f"{copies[0][0]} (--val_files) holds the same bytes as {copies[0][1]} (--train_files), so the "
                         "model would be evaluated on stories it trained on: give each split its own files")
     if local_dataset:  # a dataset folder on disk: its files are inputs too
-        folder = os.path.realpath(cfg.dataset)
-        if os.path.commonpath([folder, os.path.realpath(cfg.data_dir)]) == folder:
-            raise UserError(f"--data_dir={cfg.data_dir} is inside --dataset={cfg.dataset}, so the output would join "
-                            "the input and every run would rebuild: give the data a folder outside it")
+        folder, out_folder = os.path.realpath(cfg.dataset), os.path.realpath(cfg.data_dir)
         dataset_files = sorted(
             f for f in glob.glob(os.path.join(glob.escape(cfg.dataset), "**"), recursive=True) if os.path.isfile(f))
+        if os.path.commonpath([folder, out_folder]) == folder or any(  # (or a link in it leads there)
+                os.path.commonpath([os.path.realpath(f), out_folder]) == out_folder for f in dataset_files):
+            raise UserError(f"--data_dir={cfg.data_dir} is inside --dataset={cfg.dataset}, so the output would join "
+                            "the input and every run would rebuild: give the data a folder outside it")
         for f in dataset_files:
             check_utf8(f, "--dataset")
         settings["dataset_files"] = fingerprint(dataset_files)
@@ -385,9 +387,9 @@ def find_files(patterns, flag):
 
 
 def check_utf8(path, flag):
-    """Refuse a text file (.txt, .json, .jsonl) that starts as UTF-16 or UTF-32: its NUL bytes are valid UTF-8, so it
-    would otherwise be read as one long story of garbage (UTF-16 without a byte-order mark) or fail deep in datasets.
-    Text in other 8-bit encodings fails later, when datasets decodes it, and gets its own error (source_error)."""
+    """Refuse a text file (.txt, .json, .jsonl) saved as UTF-16 or UTF-32: without a byte-order mark its NUL bytes
+    are valid UTF-8, and it would be read as one long story of garbage. Text in other 8-bit encodings fails later,
+    when datasets decodes it, and gets its own error (source_error)."""
     if BUILDERS.get(os.path.splitext(path)[1].lower()) not in ("text", "json"):
         return
     try:
@@ -395,9 +397,25 @@ def check_utf8(path, flag):
             head = f.read(1 << 16)
     except OSError as e:
         raise UserError(f"{flag}: cannot read {path} ({e.strerror})") from None
-    if b"\x00" in head:  # (stories never hold NUL characters; every other character of UTF-16 English text is one)
-        raise UserError(f"{flag}: {path} is not UTF-8 text (it holds NUL bytes: UTF-16 or UTF-32, or not text at all): "
-                        f"save it as UTF-8, for example iconv -f UTF-16 -t UTF-8 {path} > {utf8_name(path)}")
+    if encoding := wide_encoding(head):
+        raise UserError(f"{flag}: {path} is {encoding} text, not UTF-8: save it as UTF-8, for example with "
+                        f"iconv -f {encoding} -t UTF-8 {path} > {utf8_name(path)}")
+
+
+def wide_encoding(head):
+    """'UTF-16', 'UTF-16LE', 'UTF-32'... when the first bytes of a file look like that encoding, else None. A stray
+    NUL byte in UTF-8 text is not enough: in UTF-16 or UTF-32 text NULs are a large share of the bytes (every other
+    byte of English text), and where they sit tells the byte order when no byte-order mark does."""
+    if head.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):  # (before UTF-16's: FF FE starts both)
+        return "UTF-32"
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "UTF-16"
+    nuls = head.count(0)
+    if nuls == 0 or nuls < len(head) / 8:
+        return None
+    if nuls > len(head) / 2:  # three bytes of four in English UTF-32
+        return "UTF-32BE" if head[0] == 0 else "UTF-32LE"
+    return "UTF-16LE" if head[1::2].count(0) > head[0::2].count(0) else "UTF-16BE"
 
 
 def utf8_name(path):
@@ -525,7 +543,6 @@ def source_error(e, what, cache_dir):
     """The one-line error for datasets failing to turn `what` into its Arrow cache: text that is not UTF-8, a full
     cache, or a malformed file; None for any other OSError (a network's among them), which passes on unchanged."""
     import datasets
-    import pyarrow as pa
 
     cause = e.__cause__ or e if isinstance(e, datasets.exceptions.DatasetGenerationError) else e
     if isinstance(cause, UnicodeDecodeError):
@@ -536,12 +553,14 @@ def source_error(e, what, cache_dir):
                              f"{utf8_name(what)}")
         return UserError(f"a file of {what} is not UTF-8 text (byte 0x{bad} cannot start or continue a character): "
                          "save its files as UTF-8 (iconv converts them)")
-    if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+    if isinstance(cause, OSError) and (cause.errno in (errno.ENOSPC, errno.EDQUOT)
+                                       or str(cause).startswith("Not enough disk space")):  # (datasets' own check)
         cache = cache_dir or datasets.config.HF_DATASETS_CACHE
-        return UserError(f"cannot write the datasets cache at {cache} while reading {what} ({cause.strerror}): free "
-                         "some space there, or point --cache_dir=DIR at a disk with room")
-    if isinstance(e, OSError) and not isinstance(e, pa.ArrowException):
-        return None
+        why = cause.strerror or "not enough disk space"
+        return UserError(f"cannot write the datasets cache at {cache} while reading {what} ({why}): free some space "
+                         "there, or point --cache_dir=DIR at a disk with room")
+    if isinstance(e, OSError) and not (type(e) is OSError and e.errno is None):  # (pyarrow's errors are plain
+        return None  # OSErrors without an errno: a malformed file)
     return UserError(f"datasets could not read {what} ({str(cause).splitlines()[0]}); check that it is valid")
 
 

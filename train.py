@@ -1412,7 +1412,7 @@ def main(argv=None):
                 peak_probes_left -= 1
                 matmul_flops.cache_clear()  # (measured afresh)
                 peak_flops = max(peak_flops, peak_flops_of(device, dtype))
-                mfu = raw_model.estimate_mfu(tokens_per_s, peak_flops)
+                mfu = raw_model.estimate_mfu(tokens_per_s / world_size, peak_flops)
                 t_last = time.time()  # (the probe is not training time)
             if budget_s:
                 eta, so_far = max(0.0, budget_s - train_s), f" ({train_s / 60:.1f}/{config.max_minutes:g} min)"

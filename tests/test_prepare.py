@@ -455,19 +455,28 @@ def test_column_text_that_is_not_utf8_is_a_one_line_error(tmp_path):
     assert message.endswith("save the files as UTF-8")
 
 
-@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16", "utf-32"])  # (no byte-order mark, then with one)
-@pytest.mark.parametrize("name", ["train.txt", "train.jsonl"])
-def test_utf16_text_is_refused_naming_the_file_and_the_fix(tmp_path, encoding, name):
-    # UTF-16 without a byte-order mark decodes as UTF-8 without an error: one long story of NUL-riddled garbage
-    text = "".join(json.dumps({"text": s}) + "\n" for s in STORIES) if name.endswith(".jsonl") else "\n\n".join(STORIES)
-    (tmp_path / name).write_bytes(text.encode(encoding))
+@pytest.mark.parametrize("encoding, name", [("utf-16-le", "UTF-16LE"), ("utf-16-be", "UTF-16BE"), ("utf-16", "UTF-16"),
+                                            ("utf-32-le", "UTF-32LE"), ("utf-32-be", "UTF-32BE"), ("utf-32", "UTF-32")])
+@pytest.mark.parametrize("file", ["train.txt", "train.jsonl"])
+def test_utf16_and_utf32_text_is_refused_naming_the_file_and_the_conversion(tmp_path, encoding, name, file):
+    # without a byte-order mark, UTF-16 decodes as UTF-8 without an error: one long story of NUL-riddled garbage
+    text = "".join(json.dumps({"text": s}) + "\n" for s in STORIES) if file.endswith(".jsonl") else "\n\n".join(STORIES)
+    (tmp_path / file).write_bytes(text.encode(encoding))
     write_official_txt(tmp_path / "val.txt", ["v"])
-    message = error_of(tmp_path, f"--train_files={tmp_path / name}", f"--val_files={tmp_path / 'val.txt'}")
-    stem = os.path.splitext(tmp_path / name)[0]
-    assert message == (f"--train_files: {tmp_path / name} is not UTF-8 text (it holds NUL bytes: UTF-16 or UTF-32, or "
-                       f"not text at all): save it as UTF-8, for example iconv -f UTF-16 -t UTF-8 {tmp_path / name} > "
-                       f"{stem}-utf8{os.path.splitext(name)[1]}")
+    message = error_of(tmp_path, f"--train_files={tmp_path / file}", f"--val_files={tmp_path / 'val.txt'}")
+    stem, ext = os.path.splitext(tmp_path / file)
+    assert message == (f"--train_files: {tmp_path / file} is {name} text, not UTF-8: save it as UTF-8, for example "
+                       f"with iconv -f {name} -t UTF-8 {tmp_path / file} > {stem}-utf8{ext}")
+    assert (tmp_path / file).read_bytes().decode(name) == text  # the named encoding is the file's (iconv's names)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_stray_nul_in_utf8_text_is_kept(tmp_path):
+    stories = ["A story with a NUL \0 in it.", "And another one."]
+    write_official_txt(tmp_path / "train.txt", stories)
+    write_official_txt(tmp_path / "val.txt", ["v"])
+    run(tmp_path, f"--train_files={tmp_path / 'train.txt'}", f"--val_files={tmp_path / 'val.txt'}")
+    assert np.array_equal(tokens(tmp_path / "out", "train"), gpt2_ids(stories))
 
 
 def test_txt_in_another_8_bit_encoding_is_refused_naming_the_file(tmp_path):
@@ -484,26 +493,44 @@ def test_text_that_is_not_utf8_in_a_dataset_folder_is_refused(tmp_path):
     os.mkdir(tmp_path / "ds")
     (tmp_path / "ds" / "train.txt").write_bytes("\n\n".join(STORIES).encode("utf-16-le"))
     message = error_of(tmp_path, f"--dataset={tmp_path / 'ds'}")
-    assert message.startswith(f"--dataset: {tmp_path / 'ds' / 'train.txt'} is not UTF-8 text (it holds NUL bytes")
+    assert message.startswith(f"--dataset: {tmp_path / 'ds' / 'train.txt'} is UTF-16LE text, not UTF-8: save it")
     (tmp_path / "ds" / "train.txt").write_bytes("A caf\u00e9 story.\n".encode("cp1252"))
     message = error_of(tmp_path, f"--dataset={tmp_path / 'ds'}")
     assert message == (f"a file of --dataset={tmp_path / 'ds'} is not UTF-8 text (byte 0xe9 cannot start or continue a "
                        "character): save its files as UTF-8 (iconv converts them)")
 
 
-def test_a_full_datasets_cache_says_where_it_is_and_names_cache_dir(tmp_path, monkeypatch):
+@pytest.mark.parametrize("when", ["while writing", "before writing"])
+def test_a_full_datasets_cache_says_where_it_is_and_names_cache_dir(tmp_path, monkeypatch, when):
     import datasets.arrow_writer
+    import datasets.builder
 
     def disk_full(self, *args, **kwargs):  # datasets writing its Arrow copy of a local file into the cache
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(datasets.arrow_writer.ArrowWriter, "write_table", disk_full)
+    if when == "while writing":
+        monkeypatch.setattr(datasets.arrow_writer.ArrowWriter, "write_table", disk_full)
+    else:  # datasets' own free-space check, which raises an OSError without an errno
+        monkeypatch.setattr(datasets.builder, "has_sufficient_disk_space", lambda *args, **kwargs: False)
     write_official_txt(tmp_path / "train.txt", STORIES)
     write_official_txt(tmp_path / "val.txt", ["v"])
     message = error_of(tmp_path, f"--train_files={tmp_path / 'train.txt'}", f"--val_files={tmp_path / 'val.txt'}")
+    why = "No space left on device" if when == "while writing" else "not enough disk space"
     assert message == (f"cannot write the datasets cache at {tmp_path / 'hf-cache'} while reading "
-                       f"{tmp_path / 'train.txt'} (No space left on device): free some space there, or point "
-                       "--cache_dir=DIR at a disk with room")
+                       f"{tmp_path / 'train.txt'} ({why}): free some space there, or point --cache_dir=DIR at a disk "
+                       "with room")
+
+
+def test_a_parquet_file_with_a_corrupt_footer_is_a_one_line_error(tmp_path):
+    write_column_file(tmp_path / "train.parquet", STORIES)
+    data = bytearray((tmp_path / "train.parquet").read_bytes())
+    footer = int.from_bytes(data[-8:-4], "little")  # ... footer, its length, b"PAR1"
+    data[-8 - footer:-8] = b"\xab" * footer
+    (tmp_path / "train.parquet").write_bytes(bytes(data))
+    write_official_txt(tmp_path / "val.txt", ["v"])
+    message = error_of(tmp_path, f"--train_files={tmp_path / 'train.parquet'}", f"--val_files={tmp_path / 'val.txt'}")
+    assert message.startswith(f"datasets could not read {tmp_path / 'train.parquet'} (")
+    assert message.endswith("); check that it is valid")
 
 
 def test_outputs_never_become_inputs(tmp_path, capsys):
@@ -524,6 +551,10 @@ def test_outputs_never_become_inputs(tmp_path, capsys):
         assert message == (f"--data_dir={tmp_path / out} is inside --dataset={tmp_path / 'ds'}, so the output would "
                            "join the input and every run would rebuild: give the data a folder outside it")
     assert os.listdir(tmp_path / "ds") == ["train.txt"]
+    os.symlink(tmp_path / "elsewhere", tmp_path / "ds" / "link")  # the output folder, reached through a link in it
+    run(tmp_path, f"--train_files={tmp_path / 'ds' / 'train.txt'}", "--val_fraction=0.2", out="elsewhere")
+    message = error_of(tmp_path, f"--dataset={tmp_path / 'ds'}", out="elsewhere")
+    assert message.startswith(f"--data_dir={tmp_path / 'elsewhere'} is inside --dataset={tmp_path / 'ds'}, so the")
 
 
 def test_a_text_file_given_as_a_config_file_points_at_train_files(tmp_path):
