@@ -157,7 +157,7 @@ def _load_tiktoken_gpt2():
 # else is kept. .txt files are read as text, so Windows '\r\n' line ends become '\n' (the same tokens as the file
 # saved with '\n'), and a byte-order mark at the start (as Notepad writes) is dropped; the columnar formats keep every
 # character as stored. Literal '<|endoftext|>' text stays text. A --dataset of .txt files reads them the same way.
-# Text is UTF-8: .txt/.json/.jsonl files with NUL bytes (UTF-16) are refused before datasets reads them (check_utf8),
+# Text is UTF-8: .txt/.json/.jsonl files in UTF-16 or UTF-32 are refused before datasets reads them (check_utf8),
 # and other encodings fail as datasets decodes them (source_error).
 
 
@@ -454,7 +454,7 @@ def remove(path):
 
 def load_sources(cfg, train_files, val_files, sha256, local_dataset):
     """
-    The train and val sources, as lists of (Arrow files, rows, text column, is .txt), all through datasets: its
+    The train and val sources, as lists of (Arrow files, rows, text column, is .txt, name), all through datasets: its
     builder for a hub dataset by name, or for local files one at a time (so a story never runs on from one .txt file
     into the next), downloads or parses them once into Arrow files in its cache. (load_dataset would then memory-map
     them: the pages that touches count as resident memory, which then grows with the corpus. read_stories reads them
@@ -491,7 +491,7 @@ def load_sources(cfg, train_files, val_files, sha256, local_dataset):
         for split, info in builder.info.splits.items():
             files = filenames_for_dataset_split(builder.cache_dir, builder.dataset_name, split, "arrow",
                                                 info.shard_lengths)
-            splits[split] = (files, info.num_examples, column, builder.name == "text")
+            splits[split] = (files, info.num_examples, column, builder.name == "text", what)
         return splits
 
     def prepare_file(path):
@@ -564,10 +564,11 @@ def source_error(e, what, cache_dir):
     return UserError(f"datasets could not read {what} ({str(cause).splitlines()[0]}); check that it is valid")
 
 
-def read_stories(arrow_files, column, is_txt, chunk_bytes, bar, repair):
+def read_stories(arrow_files, column, is_txt, chunk_bytes, bar, repair, what):
     """
     Yield lists of stories, about chunk_bytes of text at a time, reading the Arrow files record batch by batch;
     with repair, mis-encoded punctuation is mended (fix_mojibake). The stories are the same whatever chunk_bytes.
+    `what` names the source in errors.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -584,7 +585,7 @@ def read_stories(arrow_files, column, is_txt, chunk_bytes, bar, repair):
                         try:
                             rows += piece.to_pylist()
                         except UnicodeDecodeError as e:  # (a .json/.jsonl/.parquet string that is not UTF-8)
-                            raise UserError(f"a story in the input is not UTF-8 text ({e}): save the files as UTF-8"
+                            raise UserError(f"a story in {what} is not UTF-8 text ({e}): save it as UTF-8"
                                             ) from None
                         size += piece.nbytes
                         bar.update(len(piece))
@@ -637,7 +638,7 @@ def progress_bar(sources, desc):
     """A tqdm bar (to stderr) over the rows of the sources: stories, or lines of .txt files."""
     from tqdm import tqdm
 
-    return tqdm(total=sum(rows for _, rows, _, _ in sources), unit="rows", unit_scale=True, desc=desc,
+    return tqdm(total=sum(rows for _, rows, _, _, _ in sources), unit="rows", unit_scale=True, desc=desc,
                 mininterval=1, file=sys.stderr)
 
 
@@ -648,8 +649,9 @@ def story_chunks(train, val, cfg, bar):
     """
     rng = random.Random(cfg.seed)
     for split, sources in (("train", train), ("val", val or [])):
-        for arrow_files, _, column, is_txt in sources:
-            for stories in read_stories(arrow_files, column, is_txt, int(cfg.chunk_mb * 1e6), bar, cfg.fix_mojibake):
+        for arrow_files, _, column, is_txt, what in sources:
+            chunk_bytes = int(cfg.chunk_mb * 1e6)
+            for stories in read_stories(arrow_files, column, is_txt, chunk_bytes, bar, cfg.fix_mojibake, what):
                 if split == "val":
                     yield [], stories
                 elif val is not None:

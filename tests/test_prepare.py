@@ -451,8 +451,8 @@ def test_column_text_that_is_not_utf8_is_a_one_line_error(tmp_path):
     (tmp_path / "bad.jsonl").write_bytes(b'{"text": "caf\xe9 story"}\n')  # Latin-1, not UTF-8
     write_official_txt(tmp_path / "val.txt", ["v"])
     message = error_of(tmp_path, f"--train_files={tmp_path / 'bad.jsonl'}", f"--val_files={tmp_path / 'val.txt'}")
-    assert message.startswith("a story in the input is not UTF-8 text (")
-    assert message.endswith("save the files as UTF-8")
+    assert message.startswith(f"a story in {tmp_path / 'bad.jsonl'} is not UTF-8 text (")
+    assert message.endswith("save it as UTF-8")
 
 
 @pytest.mark.parametrize("encoding, name", [("utf-16-le", "UTF-16LE"), ("utf-16-be", "UTF-16BE"), ("utf-16", "UTF-16"),
