@@ -120,7 +120,8 @@ def test_chunk_size_never_changes_what_a_story_is(tmp_path):
     long_first = "A first story that is long. " * 40
     official = [long_first] + [f"Story {i}.\nIts second line." for i in range(60)]
     (tmp_path / "official.txt").write_text("".join(s + "\n<|endoftext|>\n" for s in official), encoding="utf-8")
-    blank = [f"Tale {i}:\n  an indented line." for i in range(60)]
+    blank = [f"Tale {i}:\n  an indented line.\n  and one more." for i in range(60)]  # (3 lines: the chunk sizes
+    # below then end a chunk between the blank line and the line of spaces)
     (tmp_path / "blank.txt").write_text("\n\n   \n".join(blank) + "\n", encoding="utf-8")
     (tmp_path / "val.txt").write_text("Val.\n<|endoftext|>\n", encoding="utf-8")
     outputs = []

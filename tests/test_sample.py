@@ -117,11 +117,16 @@ def test_cache_runs_one_position_per_token_and_slides_rarely():
 
 
 @pytest.mark.parametrize("weights", ["auto", "float32"])
-def test_greedy_text_with_cache_equals_without_on_a_trained_model(request, weights):
+def test_greedy_text_with_cache_equals_without_on_a_trained_model(request, weights, monkeypatch):
     model, tokenizer = request.getfixturevalue("loaded" if weights == "auto" else "loaded_fp32")
     kwargs = dict(max_new_tokens=3 * model.config.block_size, temperature=0, stop_at_eot=False)
-    assert generate_text(model, tokenizer, "Mia had", kv_cache=True, **kwargs) == \
-        generate_text(model, tokenizer, "Mia had", kv_cache=False, **kwargs)
+    with_cache = generate_text(model, tokenizer, "Mia had", kv_cache=True, **kwargs)
+
+    def no_cache_wanted(*args, **kwargs):
+        raise AssertionError("kv_cache=False built a KV cache")
+
+    monkeypatch.setattr(train, "KVCache", no_cache_wanted)  # the same text must come from the no-cache path
+    assert generate_text(model, tokenizer, "Mia had", kv_cache=False, **kwargs) == with_cache
 
 
 @pytest.mark.parametrize("bias", [True, False])

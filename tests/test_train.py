@@ -145,6 +145,14 @@ def test_training_windows_visit_every_window_once_per_epoch():
     assert list(train.train_window_starts(0, 0, 3, 33, 32)) == [0, 0, 0]  # the shortest split a window fits
 
 
+def test_each_epoch_shifts_its_windows_by_a_new_offset():
+    split_tokens, block_size = 1000, 32
+    windows = (split_tokens - 1) // block_size - 1
+    starts = train.train_window_starts(7, 0, 10 * windows, split_tokens, block_size)
+    offsets = {int(epoch.min()) % block_size for epoch in np.split(starts, 10)}
+    assert len(offsets) > 1  # the same aligned windows every epoch would never train on the split's tail
+
+
 def test_training_reads_every_window_once_per_epoch(tmp_path, monkeypatch):
     data, evaluating, seen = tmp_path / "data", [], []
     data.mkdir()
@@ -242,9 +250,32 @@ def test_data_rebuilt_under_a_running_job_stops_it_with_a_message(data_dir, tmp_
 def test_data_shorter_than_block_size_names_both_sizes(data_dir, tmp_path):
     with pytest.raises(UserError, match=r"the val split has 4\d{3} tokens, fewer than block_size \+ 1 = 8193"):
         run_train(data_dir, tmp_path / "out", "--block_size=8192", "--max_iters=1")
+    val_tokens = train.load_meta(data_dir)["val"]["tokens"]  # exactly block_size tokens: one window needs one more
+    with pytest.raises(UserError, match=rf"the val split has {val_tokens} tokens, fewer than block_size \+ 1"):
+        run_train(data_dir, tmp_path / "out", f"--block_size={val_tokens}", "--max_iters=1")
+
+
+def test_evaluation_leaves_the_model_training(data_dir):
+    meta = train.load_meta(data_dir)
+    model = tiny_model(vocab_size=64, block_size=32, dropout=0.1).train()
+
+    def batch(split, starts):
+        return get_batch(data_dir, meta, split, starts, 32, torch.device("cpu"))
+
+    train.estimate_loss(model, batch, meta, 64, 32, 2, contextlib.nullcontext())
+    assert model.training  # else dropout would be off for the rest of the run
 
 
 # --- optimizer and schedule -------------------------------------------------
+
+
+def test_wsd_decay_frac_sets_where_the_decay_starts():
+    config = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=100, lr_schedule="wsd",
+                         decay_frac=0.5)
+    lrs = [get_lr(step, config) for step in range(100)]
+    assert lrs[48] == pytest.approx(1e-3)  # stable until the last half
+    assert lrs[74] == pytest.approx(1e-4 + 0.5 * 9e-4)  # half-way down that half
+    assert lrs[99] == pytest.approx(1e-4)
 
 
 def test_lr_schedule_warmup_peak_and_end():
@@ -322,7 +353,7 @@ def test_training_learns_and_writes_log_plot_checkpoint(data_dir, tmp_path, caps
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in checkpoint["model"])
 
 
-@pytest.mark.parametrize("later", ["faster", "still slow"])
+@pytest.mark.parametrize("later", ["faster", "slower still"])
 def test_mfu_over_100_percent_measures_the_cpu_peak_again(data_dir, tmp_path, monkeypatch, capsys, later):
     # the peak measured while a neighbour on the host kept the CPU busy: too low, so MFU would read over 100%
     probes = []
@@ -331,12 +362,13 @@ def test_mfu_over_100_percent_measures_the_cpu_peak_again(data_dir, tmp_path, mo
         probes.append(size)
         if len(probes) > 1:
             time.sleep(0.5)  # a probe during training takes time that is not training time
-        return 1e6 if len(probes) == 1 or later == "still slow" else 1e15
+        return 1e6 if len(probes) == 1 else 1e15 if later == "faster" else 1e3
 
     matmul_flops.cache_clear = lambda: None
     monkeypatch.setattr(train, "matmul_flops", matmul_flops)
     run_train(data_dir, tmp_path / "out", "--max_iters=6", "--eval_interval=6")
-    mfus = [float(m) for m in re.findall(r"\| mfu ([\d.]+)% \|", capsys.readouterr().out)]
+    lines = re.findall(r"\| ([\d,]+) tok/s \| mfu ([\d.]+)% \|", capsys.readouterr().out)
+    mfus = [float(mfu) for _, mfu in lines]
     assert len(mfus) == 6
     last = json.loads((tmp_path / "out" / "log.jsonl").read_text().splitlines()[-1])
     assert last["train_s"] < last["elapsed_s"] - 0.5 * (len(probes) - 1) + 0.1  # the probes are off the clock
@@ -344,6 +376,10 @@ def test_mfu_over_100_percent_measures_the_cpu_peak_again(data_dir, tmp_path, mo
         assert len(probes) == 2 and max(mfus) < 100  # measured again once, at the first reading over 100%
     else:
         assert len(probes) == 4 and min(mfus) > 100  # a few times at most: the log lines keep coming
+        model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32, bias=False))  # TINY's
+        peaks = [model.flops_per_token() * float(tok_s.replace(",", "")) / (mfu / 100) for tok_s, mfu in
+                 zip((tok_s for tok_s, _ in lines), mfus)]
+        assert peaks == pytest.approx([1e6] * 6, rel=0.01)  # a slower reading never lowers the peak
 
 
 def files_with_mtimes(folder):
@@ -689,8 +725,13 @@ def test_ctrl_c_stops_eval_only_at_once(data_dir, tmp_path, monkeypatch):
         raise AssertionError("Ctrl-C did not stop the evaluation")
 
     monkeypatch.setattr(train, "estimate_loss", interrupted_evaluation)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(data_dir, out, "--eval_only=True")
+    # (a shell starts a background job with SIGINT ignored: Ctrl-C is Python's KeyboardInterrupt here, as in a terminal)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_train(data_dir, out, "--eval_only=True")
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_resume_with_another_batch_counts_tokens_and_continues_the_data(data_dir, tmp_path, monkeypatch, capsys):
