@@ -377,8 +377,8 @@ def test_mfu_over_100_percent_measures_the_cpu_peak_again(data_dir, tmp_path, mo
     else:
         assert len(probes) == 4 and min(mfus) > 100  # a few times at most: the log lines keep coming
         model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32, bias=False))  # TINY's
-        peaks = [model.flops_per_token() * float(tok_s.replace(",", "")) / (mfu / 100) for tok_s, mfu in
-                 zip((tok_s for tok_s, _ in lines), mfus)]
+        peaks = [model.flops_per_token() * float(tok_s.replace(",", "")) / (mfu / 100)
+                 for (tok_s, _), mfu in zip(lines, mfus)]
         assert peaks == pytest.approx([1e6] * 6, rel=0.01)  # a slower reading never lowers the peak
 
 
