@@ -171,6 +171,10 @@ def test_held_out_val_is_deterministic_and_partitions_the_stories(tmp_path):
     assert np.array_equal(tokens(tmp_path / "again", "val"), ids["val"])  # the same stories, however it is chunked
     run(tmp_path, f"--train_files={tmp_path / 'all.txt'}", "--val_fraction=0.1", "--seed=7", out="other-seed")
     assert not np.array_equal(tokens(tmp_path / "other-seed", "val"), ids["val"])
+    write_official_txt(tmp_path / "a.txt", stories[:200])  # the same stories in two files: one draw per story still,
+    write_official_txt(tmp_path / "b.txt", stories[200:])  # not the same story positions held out of each file
+    run(tmp_path, f"--train_files={tmp_path / 'a.txt'},{tmp_path / 'b.txt'}", "--val_fraction=0.1", out="two-files")
+    assert np.array_equal(tokens(tmp_path / "two-files", "val"), ids["val"])
 
 
 def test_hub_code_path_offline_on_a_local_dataset_folder(tmp_path):
