@@ -22,7 +22,7 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from cli import UserError, interrupt_in_one_line, parse_config, run_main
 
@@ -32,7 +32,7 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 from prepare import EOT_TEXT, load_tokenizer  # noqa: E402
-from train import ARCHITECTURE, bits_per_byte, eval_starts, load_checkpoint  # noqa: E402
+from train import ARCHITECTURE, GPTConfig, bits_per_byte, eval_starts, load_checkpoint  # noqa: E402
 
 
 @dataclass
@@ -155,7 +155,7 @@ def hf_model(checkpoint):
         vocab_size=vocab_size, n_positions=args["block_size"], n_embd=args["n_embd"], n_layer=args["n_layer"],
         n_head=args["n_head"], n_inner=4 * args["n_embd"],
         # nn.GELU(approximate="tanh") is transformers' gelu_new; the exact one is its gelu
-        activation_function="gelu_new" if args.get("gelu", "tanh") == "tanh" else "gelu",
+        activation_function="gelu_new" if GPTConfig(**args).gelu == "tanh" else "gelu",  # (older checkpoints: tanh)
         layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # dropout is for training only
         tie_word_embeddings=True, bos_token_id=eot, eos_token_id=eot, architectures=["GPT2LMHeadModel"],
     )
@@ -271,7 +271,7 @@ def gpt2_tokenizer_from_tiktoken(enc):
 def model_card(checkpoint, model):
     """README.md: what the model is, how it was trained, how good it is and how to use it."""
     meta, args, config = checkpoint["meta"], checkpoint["model_args"], checkpoint["config"]
-    shape = {**args, "gelu": args.get("gelu", "tanh")}  # (checkpoints from before the setting: tanh)
+    shape = asdict(GPTConfig(**args))  # (with GPTConfig's defaults for what older checkpoints did not record)
     # the configuration shown names the model's own shape, which a resume by an older train.py did not record there
     config = {**config, **{name: shape[name] for name in ARCHITECTURE if name in config}}
     loss, which = checkpoint_val_loss(checkpoint)

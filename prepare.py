@@ -471,15 +471,21 @@ def load_sources(cfg, train_files, val_files, sha256, local_dataset):
     from datasets.naming import filenames_for_dataset_split
 
     def prepare_splits(path, what, column, **options):
-        builder = datasets.load_dataset_builder(path, cache_dir=cfg.cache_dir or None, **options)
-        if builder.name == "text" and not builder.config.keep_linebreaks:  # .txt files, local or a dataset's: a row
-            return prepare_splits(path, what, column, **options, **TXT_OPTIONS)  # per line, which read_stories joins
-        if hasattr(builder.config, "fragment_scan_options"):
-            # parquet: Arrow's pre-buffering kept read buffers alive, and memory grew with the file (+170 MB at 500 MB)
-            from pyarrow.dataset import ParquetFragmentScanOptions
+        try:
+            builder = datasets.load_dataset_builder(path, cache_dir=cfg.cache_dir or None, **options)
+            if builder.name == "text" and not builder.config.keep_linebreaks:  # .txt, local or a dataset's: a row
+                return prepare_splits(path, what, column, **options, **TXT_OPTIONS)  # per line; read_stories joins
+            if hasattr(builder.config, "fragment_scan_options"):
+                # parquet: Arrow's pre-buffering kept read buffers alive, and memory grew with the file (+170 MB at
+                # 500 MB)
+                from pyarrow.dataset import ParquetFragmentScanOptions
 
-            builder.config.fragment_scan_options = ParquetFragmentScanOptions(pre_buffer=False)
-        builder.download_and_prepare(download_mode="force_redownload" if cfg.force or local_dataset else None)
+                builder.config.fragment_scan_options = ParquetFragmentScanOptions(pre_buffer=False)
+            builder.download_and_prepare(download_mode="force_redownload" if cfg.force or local_dataset else None)
+        except (datasets.exceptions.DatasetGenerationError, pa.ArrowException, OSError) as e:
+            if (error := source_error(e, what, cfg.cache_dir)) is None:
+                raise  # (not found, offline: the clauses below)
+            raise error from None
         if column not in builder.info.features:
             raise UserError(f"{what} has no column {column!r} (it has {', '.join(builder.info.features)}); "
                             "name the story column with --text_column=NAME")
@@ -499,12 +505,7 @@ def load_sources(cfg, train_files, val_files, sha256, local_dataset):
         content = "sha256-" + sha256[os.path.abspath(path)]  # the cache entry of exactly these bytes
         column = "text" if builder == "text" else cfg.text_column  # (the text builder's one column)
         # escaped: datasets expands data_files as globs, and 's[1].txt' would read s1.txt
-        try:
-            return prepare_splits(builder, path, column, name=content, data_files=[glob.escape(path)])["train"]
-        except (datasets.exceptions.DatasetGenerationError, pa.ArrowException, OSError) as e:
-            if (error := source_error(e, path, cfg.cache_dir)) is None:
-                raise
-            raise error from None
+        return prepare_splits(builder, path, column, name=content, data_files=[glob.escape(path)])["train"]
 
     try:
         if train_files:
@@ -530,24 +531,24 @@ def load_sources(cfg, train_files, val_files, sha256, local_dataset):
                         "use --train_files") from None
     except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as e:  # (a local path: FileNotFoundError)
         raise UserError(f"{str(e).splitlines()[0]}; check --dataset, or give local files with --train_files") from None
-    except (datasets.exceptions.DatasetGenerationError, pa.ArrowException, OSError) as e:  # a malformed file, a full
-        if (error := source_error(e, f"--dataset={cfg.dataset}", cfg.cache_dir)) is None:  # cache
-            raise
-        raise error from None
     if val is None:
         source["val"] = f"{cfg.val_fraction} of the training stories held out (seed {cfg.seed})"
     return train, val, source
 
 
 def source_error(e, what, cache_dir):
-    """The one-line error for datasets failing to turn `what` into its Arrow cache: text that is not UTF-8, a full
-    cache, or a malformed file; None for any other OSError (a network's among them), which passes on unchanged."""
+    """The one-line error for datasets failing to turn `what` (a local file, or a --dataset) into its Arrow cache:
+    text that is not UTF-8, a full cache, or a malformed file; None for any other OSError (not found, offline), which
+    passes on unchanged."""
     import datasets
 
     cause = e.__cause__ or e if isinstance(e, datasets.exceptions.DatasetGenerationError) else e
+    is_file = os.path.isfile(what)
+    if not is_file:
+        what = f"--dataset={what}"
     if isinstance(cause, UnicodeDecodeError):
         bad = cause.object[cause.start:cause.start + 1].hex()
-        if os.path.isfile(what):
+        if is_file:
             return UserError(f"{what} is not UTF-8 text (byte 0x{bad} cannot start or continue a character): save it "
                              f"as UTF-8, for example from Windows-1252 with iconv -f CP1252 -t UTF-8 {what} > "
                              f"{utf8_name(what)}")
