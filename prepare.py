@@ -22,6 +22,7 @@ import random
 import re
 import sys
 import time
+import unicodedata
 
 from cli import UserError, parse_config, run_main
 
@@ -388,7 +389,8 @@ def find_files(patterns, flag):
 
 def check_utf8(path, flag):
     """Refuse a text file (.txt, .json, .jsonl) saved as UTF-16 or UTF-32: without a byte-order mark its NUL bytes
-    are valid UTF-8, and it would be read as one long story of garbage. Text in other 8-bit encodings fails later,
+    are valid UTF-8, and it would be read as one long story of garbage; so would a binary file full of NULs, which is
+    refused as binary rather than with a conversion that could not help. Text in other 8-bit encodings fails later,
     when datasets decodes it, and gets its own error (source_error)."""
     if BUILDERS.get(os.path.splitext(path)[1].lower()) not in ("text", "json"):
         return
@@ -398,6 +400,13 @@ def check_utf8(path, flag):
     except OSError as e:
         raise UserError(f"{flag}: cannot read {path} ({e.strerror})") from None
     if encoding := wide_encoding(head):
+        unit = 4 if "32" in encoding else 2  # a sample cut inside a character decodes all but that character
+        sample = head[:len(head) - len(head) % unit].decode(encoding, errors="replace")
+        not_text = sum(c == "\ufffd" or unicodedata.category(c) == "Cc" and c not in "\t\n\r" for c in sample)
+        if not_text > len(sample) / 100:
+            # text has hardly any control characters or undecodable bytes; a binary file (NULs, numbers) has many
+            raise UserError(f"{flag}: {path} holds binary data, not text (control bytes such as NUL throughout): "
+                            "pass UTF-8 text files")
         raise UserError(f"{flag}: {path} is {encoding} text, not UTF-8: save it as UTF-8, for example with "
                         f"iconv -f {encoding} -t UTF-8 {path} > {utf8_name(path)}")
 

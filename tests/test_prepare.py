@@ -475,6 +475,16 @@ def test_utf16_and_utf32_text_is_refused_naming_the_file_and_the_conversion(tmp_
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("data", [bytes(4096), np.arange(1000, dtype=np.uint32).tobytes()], ids=["nuls", "ints"])
+def test_a_binary_file_is_refused_as_binary_not_as_utf16(tmp_path, data):
+    # NUL bytes alone would name it UTF-16 or UTF-32 text, with an iconv line that converts nothing useful
+    (tmp_path / "train.txt").write_bytes(data)
+    write_official_txt(tmp_path / "val.txt", ["v"])
+    message = error_of(tmp_path, f"--train_files={tmp_path / 'train.txt'}", f"--val_files={tmp_path / 'val.txt'}")
+    assert message == (f"--train_files: {tmp_path / 'train.txt'} holds binary data, not text (control bytes such as "
+                       "NUL throughout): pass UTF-8 text files")
+
+
 def test_a_stray_nul_in_utf8_text_is_kept(tmp_path):
     stories = ["A story with a NUL \0 in it.", "And another one."]
     write_official_txt(tmp_path / "train.txt", stories)
