@@ -92,7 +92,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (GPU: bfloat16, else float16; CPU: bfloat16 if timed passes run faster), or one of those
     compile: bool | str = "auto"  # torch.compile the model: auto (on for CUDA), True or False
     seed: int = 1337  # seeds init, batch order and dropout; each DDP rank adds its rank
-    peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 looks it up (GPU) or measures a matmul (CPU)
+    peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 looks it up (GPU; unknown: no MFU) or times a matmul (CPU)
 
 
 # The default recipe, from FLOPs arithmetic. Goal: val loss <= 1.30 on TinyStories with GPT-2 tokens in <= 15 min on
@@ -664,8 +664,11 @@ def orthogonalize(g, coefficients, steps, eps, dtype):
 
 
 def muon_ns_dtype(device, dtype):
-    """bfloat16 (torch's choice) where the training arithmetic is bfloat16 or the device is a GPU, else float32."""
-    return torch.bfloat16 if device.type == "cuda" or dtype == "bfloat16" else torch.float32
+    """bfloat16 (torch's choice) where the training arithmetic is bfloat16 or the device is a GPU with bf16, float16
+    on a GPU without it (V100, T4: its tensor cores, and more mantissa bits), else float32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return torch.bfloat16 if dtype == "bfloat16" else torch.float32
 
 
 def lr_scale(step, progress, config):
@@ -743,7 +746,7 @@ def estimate_loss(model, batch_fn, meta, eval_tokens, block_size, batch_size, au
         for i in range(0, len(starts), batch_size):
             x, y = batch_fn(split, starts=starts[i:i + batch_size])
             with autocast:
-                _, loss = model(x, y)
+                loss = model(x, y)[1]
             total = total + loss.float() * len(x)  # on the device: one sync per split, not per batch
         losses[split] = float(total) / len(starts)
     model.train()
@@ -848,22 +851,25 @@ def model_from_checkpoint(checkpoint):
 CHECKPOINT_VERSION = 1
 
 
-def rng_state():
+def rng_state(device):
     return {
         "python": list(random.getstate()[1]),
         "numpy": [torch.from_numpy(np.random.get_state()[1].astype(np.int64)), *np.random.get_state()[2:]],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,  # the training GPU's only
     }
 
 
-def set_rng_state(state):
+def set_rng_state(state, device):
     random.setstate((3, tuple(state["python"]), None))
     key, *rest = state["numpy"]
     np.random.set_state(("MT19937", key.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if isinstance(cuda, list):  # older checkpoints held every GPU's state, and failed to resume with fewer GPUs
+        cuda = (cuda[device.index or 0] if (device.index or 0) < len(cuda) else cuda[0]) if cuda else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 # -----------------------------------------------------------------------------
@@ -884,6 +890,9 @@ def pick_device(name):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device={name} but this PyTorch sees no CUDA GPU: use --device=cpu, or install a CUDA "
                         "build of torch (see README)")
+    if device.type == "cuda" and (device.index or 0) >= (count := torch.cuda.device_count()):
+        raise UserError(f"--device={name} but this machine has {count} CUDA GPU(s), numbered from 0: use "
+                        f"--device=cuda:0{f' to cuda:{count - 1}' if count > 1 else ''}")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"--device={name} but MPS is not available here: use --device=cpu")
     if device.type not in ("cpu", "cuda", "mps"):
@@ -963,11 +972,16 @@ def peak_flops_of(device, dtype):
     """Dense peak FLOP/s for MFU: a table for common GPUs, a quick measured matmul elsewhere."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        table = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
-                 "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
-        for key, flops in table.items():
+        if "MIG" in name:
+            return 0.0  # a slice of the GPU: its share of the peak is not known here
+        # dense tensor-core peaks, bf16/fp16 (fp32 accumulate) and float32 (TF32; V100 and T4 have none)
+        table = {"H100 PCIe": (756e12, 378e12), "H100 NVL": (835e12, 418e12), "H100": (989e12, 495e12),
+                 "H200": (989e12, 495e12), "B200": (2250e12, 1100e12), "A100": (312e12, 156e12),
+                 "L40S": (362e12, 183e12), "L40": (181e12, 90e12), "L4": (121e12, 60e12), "A10": (125e12, 62e12),
+                 "4090": (165e12, 83e12), "3090": (36e12, 36e12), "V100": (125e12, 16e12), "T4": (65e12, 8e12)}
+        for key in sorted(table, key=len, reverse=True):  # "L40S" before "L40" before "L4"
             if key in name:
-                return flops if dtype != "float32" else flops / 2  # TF32 runs at half the bf16 rate
+                return table[key][dtype == "float32"]
         return 0.0
     if device.type != "cpu":
         return 0.0  # no table for this device: MFU is left out unless --peak_flops is given
@@ -1106,6 +1120,8 @@ def main(argv=None):
                                              device_id=device if device.type == "cuda" else None)
     else:
         device = pick_device(config.device)
+        if device.type == "cuda" and device.index is not None:  # --device=cuda:1: synchronize() and the bf16 check
+            torch.cuda.set_device(device)  # ask about the current GPU, which would otherwise stay GPU 0
     master = rank == 0
     dtype = pick_dtype(config.dtype, device)
     compile_model = str(config.compile).lower() == "true" or (str(config.compile).lower() == "auto"
@@ -1173,7 +1189,10 @@ def main(argv=None):
         budget_spent_s = checkpoint.get("budget_spent_s", 0.0)  # the largest budget it finished
         tokens_before = checkpoint["tokens"]  # trained on so far: where this run's windows continue the stream
         wandb_run_id = checkpoint.get("wandb_run_id")  # the resumed run logs into the same wandb run
-        resumed_dtype = checkpoint.get("dtype")  # what it trained in (--dtype=auto keeps it on a CPU)
+        resumed_dtype = checkpoint.get("dtype")  # what it trained in: --dtype=auto keeps it (on a CPU, below)
+        if config.dtype == "auto" and device.type == "cuda" and resumed_dtype in ("float16", "float32"):
+            dtype = resumed_dtype  # (and its loss scale): a resume is exact only in the dtype it trained in
+            say(f"dtype auto: {dtype}, the dtype of the run being resumed")
         optimized_with = checkpoint["config"].get("optimizer", "adamw")  # (checkpoints from before Muon: adamw)
         if config.eval_only:
             config.optimizer = optimized_with
@@ -1229,7 +1248,7 @@ def main(argv=None):
                 group.update(setting)  # which give way to this run's flags (--weight_decay, betas, momentum)
         if checkpoint["scaler"]:  # empty when the run that saved it did not scale (bf16, fp32)
             scaler.load_state_dict(checkpoint["scaler"])
-        set_rng_state(checkpoint["rng"])  # rank 0's; the other ranks draw their own dropout masks again
+        set_rng_state(checkpoint["rng"], device)  # rank 0's; the other ranks draw their own dropout masks again
         if rank:
             torch.manual_seed(config.seed + rank + 1_000_003 * iter_num)
         del checkpoint
@@ -1268,7 +1287,7 @@ def main(argv=None):
             "optimizer": [optimizer.state_dict() for optimizer in optimizers],
             "scaler": scaler.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss, "val_loss": val_loss,
             "model_args": model_args, "config": dataclasses.asdict(config), "dtype": dtype, "meta": meta,
-            "rng": rng_state(),
+            "rng": rng_state(device),
             "elapsed_s": elapsed_before + time.time() - t_start,
             "train_s": train_s + time.time() - t_last if training_s is None else training_s,
             "budget_spent_s": max(budget_spent_s, budget_s if done else 0.0),  # the largest budget it finished
@@ -1378,7 +1397,7 @@ def main(argv=None):
             x, y = batch("train", train_window_starts(config.seed, first, config.batch_size, meta["train"]["tokens"],
                                                       block_size))
             with autocast:
-                _, loss = train_model(x, y)
+                loss = train_model(x, y)[1]  # (the logits go now: at GPT-2's vocabulary they are gigabytes)
             scaler.scale(loss / grad_accum).backward()
         if config.grad_clip:
             for optimizer in optimizers:
@@ -1419,10 +1438,11 @@ def main(argv=None):
             else:
                 eta, so_far = (config.max_iters - iter_num) * dt, f"/{config.max_iters}"
             say(f"iter {iter_num}{so_far} | loss {loss_now:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | "
-                f"{tokens_per_s:,.0f} tok/s | mfu {mfu * 100:.1f}% | eta {int(eta // 60)}m{int(eta % 60):02d}s")
+                f"{tokens_per_s:,.0f} tok/s | {f'mfu {mfu * 100:.1f}% | ' if peak_flops else ''}"
+                f"eta {int(eta // 60)}m{int(eta % 60):02d}s")
             if wandb_run:
                 wandb_run.log({"iter": iter_num, "tokens": tokens_seen(iter_num), "loss": loss_now, "lr": lr,
-                               "tokens_per_s": tokens_per_s, "mfu": mfu}, step=iter_num)
+                               "tokens_per_s": tokens_per_s, **({"mfu": mfu} if peak_flops else {})}, step=iter_num)
 
         stop = bool(stop_requested)
         if ddp:  # every process must stop after the same step and read the same clock: they agree at each reading

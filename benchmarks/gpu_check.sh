@@ -44,6 +44,9 @@ step quality_adamw_muon 300 $PY benchmarks/bench_quality.py --recipe= --steps=30
 # The same without torch.compile, and fp16 with its GradScaler
 step train_eager 90 $PY train.py --data_dir="$DATA" --out_dir="$OUT/eager" --overwrite=True --compile=False \
   --max_iters=60 --eval_interval=60 --eval_tokens=163840 --log_interval=20 --plot=False
+# A half-minute budget: it stops on the clock, at the end of a decay to min_lr, then evaluates and saves
+step train_budget 90 $PY train.py --data_dir="$DATA" --out_dir="$OUT/budget" --overwrite=True --compile=False \
+  --max_minutes=0.5 --lr_schedule=wsd --eval_interval=100000 --eval_tokens=163840 --log_interval=20 --plot=False
 step train_fp16 90 $PY train.py --data_dir="$DATA" --out_dir="$OUT/fp16" --overwrite=True --compile=False \
   --dtype=float16 --max_iters=40 --eval_interval=20 --eval_tokens=163840 --log_interval=20 --plot=False
 # Resume the fp16 run for 20 more steps; then NCCL under torchrun (one process)

@@ -113,7 +113,12 @@ def test_newton_schulz_runs_in_float32_on_a_cpu_without_bfloat16_autocast():
     cpu = torch.device("cpu")
     assert train.muon_ns_dtype(cpu, "float32") == torch.float32
     assert train.muon_ns_dtype(cpu, "bfloat16") == torch.bfloat16
-    assert train.muon_ns_dtype(torch.device("cuda"), "float32") == torch.bfloat16
+
+
+@pytest.mark.parametrize("has_bf16, ns_dtype", [(True, torch.bfloat16), (False, torch.float16)])
+def test_newton_schulz_on_a_gpu_runs_in_bfloat16_where_it_has_it(monkeypatch, has_bf16, ns_dtype):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: has_bf16)
+    assert train.muon_ns_dtype(torch.device("cuda"), "float32") == ns_dtype  # V100/T4: float16's tensor cores
 
 
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])
@@ -508,6 +513,20 @@ def test_eval_only_times_no_training_passes(data_dir, tmp_path, monkeypatch, cap
     capsys.readouterr()
     run_train(data_dir, out, "--init_from=resume", "--eval_only=True", "--dtype=auto")
     assert "device cpu, dtype float32," in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, dtype, peak", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12), ("NVIDIA H100 PCIe", "bfloat16", 756e12),
+    ("NVIDIA H100 NVL", "float16", 835e12), ("NVIDIA H200", "float32", 495e12), ("NVIDIA L40", "bfloat16", 181e12),
+    ("NVIDIA L40S", "bfloat16", 362e12), ("NVIDIA L4", "bfloat16", 121e12),
+    ("NVIDIA A100-SXM4-80GB", "float32", 156e12), ("Tesla V100-SXM2-16GB", "float32", 16e12),
+    ("Tesla T4", "float16", 65e12),
+    ("NVIDIA GeForce RTX 3090", "bfloat16", 36e12), ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", "bfloat16", 0.0),
+    ("Some Future GPU", "bfloat16", 0.0)])
+def test_gpu_peak_flops_by_name_longest_match_first(monkeypatch, name, dtype, peak):
+    # "L40" must not read as "L4", nor "H100 PCIe" as the SXM part; a MIG slice or an unknown GPU has no peak (no MFU)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert train.peak_flops_of(torch.device("cuda"), dtype) == peak
 
 
 def test_mfu_peak_is_measured_in_the_dtype_used(monkeypatch):

@@ -353,6 +353,15 @@ def test_training_learns_and_writes_log_plot_checkpoint(data_dir, tmp_path, caps
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in checkpoint["model"])
 
 
+def test_no_mfu_is_printed_without_a_peak(data_dir, tmp_path, monkeypatch, capsys):
+    # a GPU missing from the table (or an MPS device) has no known peak: "mfu 0.0%" would say the run does nothing
+    monkeypatch.setattr(train, "peak_flops_of", lambda device, dtype: 0.0)
+    run_train(data_dir, tmp_path / "out", "--max_iters=2", "--eval_interval=2")
+    printed = capsys.readouterr().out
+    line = r"^iter 2/2 \| loss [\d.]+ \| lr [\d.e+-]+ \| [\d.]+ ms/iter \| [\d,]+ tok/s \| eta 0m00s$"
+    assert re.search(line, printed, re.M)
+
+
 @pytest.mark.parametrize("later", ["faster", "slower still"])
 def test_mfu_over_100_percent_measures_the_cpu_peak_again(data_dir, tmp_path, monkeypatch, capsys, later):
     # the peak measured while a neighbour on the host kept the CPU busy: too low, so MFU would read over 100%
@@ -663,6 +672,32 @@ def test_resume_in_float16_from_an_unscaled_run(data_dir, tmp_path):
     checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
     assert checkpoint["iter_num"] == 8 and checkpoint["scaler"]["scale"] > 0
     assert math.isfinite(checkpoint["val_loss"])
+
+
+def test_a_gpu_index_past_the_last_gpu_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert train.pick_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(UserError) as e:
+        train.pick_device("cuda:2")
+    assert str(e.value) == ("--device=cuda:2 but this machine has 2 CUDA GPU(s), numbered from 0: use "
+                            "--device=cuda:0 to cuda:1")
+
+
+def test_cuda_rng_state_is_the_training_gpus_alone(monkeypatch):
+    # older checkpoints held every visible GPU's state, and restoring them all failed on a machine with fewer GPUs
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
+    cpu_state = train.rng_state(torch.device("cpu"))
+    assert cpu_state["cuda"] is None
+    train.set_rng_state(cpu_state, torch.device("cpu"))
+    assert restored == []
+    states = [torch.full((4,), i, dtype=torch.uint8) for i in range(8)]  # as an 8-GPU run saved them
+    for device, kept in [(torch.device("cuda"), 0), (torch.device("cuda", 3), 3), (torch.device("cuda", 9), 0)]:
+        train.set_rng_state({**cpu_state, "cuda": states}, device)
+        assert restored.pop() == (states[kept], device)
+    train.set_rng_state({**cpu_state, "cuda": states[5]}, torch.device("cuda", 1))  # today's: one state
+    assert restored.pop() == (states[5], torch.device("cuda", 1))
 
 
 def test_torchrun_takes_no_device_index(data_dir, tmp_path, monkeypatch):
