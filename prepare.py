@@ -221,8 +221,15 @@ def main(argv=None):
     if both:
         raise UserError(f"{both[0]} is in both --train_files and --val_files, so the model would be evaluated on "
                         "stories it trained on: give each split its own files")
-    if not train_files and os.path.isfile(cfg.dataset):
-        raise UserError(f"--dataset={cfg.dataset} is a file: give local files with --train_files (and --val_files)")
+    if not train_files:
+        cfg.dataset = os.path.expanduser(cfg.dataset)  # (the shell leaves ~ alone after --dataset=)
+        if os.path.isfile(cfg.dataset):
+            raise UserError(f"--dataset={cfg.dataset} is a file: give local files with --train_files (and "
+                            "--val_files)")
+        looks_like_a_path = cfg.dataset.startswith((".", os.sep, "~")) or cfg.dataset.count("/") > 1
+        if looks_like_a_path and not os.path.isdir(cfg.dataset):  # (a hub name has one /: owner/name)
+            raise UserError(f"--dataset={cfg.dataset}: no such folder (a Hugging Face dataset is named owner/name, "
+                            "like roneneldan/TinyStories)")
     outputs = {os.path.realpath(os.path.join(cfg.data_dir, name)) for name in ("meta.json", "tokenizer.json")}
     for flag, f in [("train_files", f) for f in train_files] + [("val_files", f) for f in val_files]:
         if os.path.realpath(f) in outputs:  # ('data/*.json*' with --data_dir=data: a re-run would read its meta.json)
@@ -374,6 +381,9 @@ def find_files(patterns, flag):
             found = [pattern]
         else:
             found = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
+        if not found and os.path.isdir(pattern):
+            raise UserError(f"--{flag}: {pattern} is a folder: name its files ('{os.path.join(pattern, '*.txt')}'), "
+                            "or give the folder as --dataset")
         if not found:
             raise UserError(f"--{flag}: no file matches {pattern!r}; check the path (globs like 'dir/*.txt' work)")
         for f in found:
@@ -492,6 +502,8 @@ def load_sources(cfg, train_files, val_files, sha256, local_dataset):
                 builder.config.fragment_scan_options = ParquetFragmentScanOptions(pre_buffer=False)
             builder.download_and_prepare(download_mode="force_redownload" if cfg.force or local_dataset else None)
         except (datasets.exceptions.DatasetGenerationError, pa.ArrowException, OSError) as e:
+            if isinstance(e.__cause__, KeyboardInterrupt):  # datasets wraps a Ctrl-C in its own error
+                raise KeyboardInterrupt from None
             if (error := source_error(e, what, cfg.cache_dir)) is None:
                 raise  # (not found, offline: the clauses below)
             raise error from None
@@ -563,15 +575,20 @@ def source_error(e, what, cache_dir):
                              f"{utf8_name(what)}")
         return UserError(f"a file of {what} is not UTF-8 text (byte 0x{bad} cannot start or continue a character): "
                          "save its files as UTF-8 (iconv converts them)")
+    cache = cache_dir or datasets.config.HF_DATASETS_CACHE
     if isinstance(cause, OSError) and (cause.errno in (errno.ENOSPC, errno.EDQUOT)
                                        or str(cause).startswith("Not enough disk space")):  # (datasets' own check)
-        cache = cache_dir or datasets.config.HF_DATASETS_CACHE
         why = cause.strerror or "not enough disk space"
         return UserError(f"cannot write the datasets cache at {cache} while reading {what} ({why}): free some space "
                          "there, or point --cache_dir=DIR at a disk with room")
+    if isinstance(cause, OSError) and cause.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        # (the inputs were all read already, for their sha256: what cannot be written is the cache)
+        return UserError(f"cannot write the datasets cache at {cache} ({cause.strerror}: {cause.filename}): point "
+                         "--cache_dir=DIR at a folder you can write")
     if isinstance(e, OSError) and not (type(e) is OSError and e.errno is None):  # (pyarrow's errors are plain
         return None  # OSErrors without an errno: a malformed file)
-    return UserError(f"datasets could not read {what} ({str(cause).splitlines()[0]}); check that it is valid")
+    why = (str(cause).splitlines() or [type(cause).__name__])[0]
+    return UserError(f"datasets could not read {what} ({why}); check that it is valid")
 
 
 def read_stories(arrow_files, column, is_txt, chunk_bytes, bar, repair, what):

@@ -535,6 +535,43 @@ def test_a_full_datasets_cache_says_where_it_is_and_names_cache_dir(tmp_path, mo
                        "with room")
 
 
+@pytest.mark.parametrize("raised", ["read-only", "no message", "ctrl-c"])
+def test_what_goes_wrong_while_datasets_writes_its_cache(tmp_path, monkeypatch, raised):
+    import datasets.arrow_writer
+
+    def fails(self, *args, **kwargs):
+        raise {"read-only": OSError(30, "Read-only file system", str(tmp_path / "hf-cache" / "x.arrow")),
+               "no message": pa.ArrowInvalid(""), "ctrl-c": KeyboardInterrupt()}[raised]
+
+    monkeypatch.setattr(datasets.arrow_writer.ArrowWriter, "write_table", fails)
+    write_official_txt(tmp_path / "train.txt", STORIES)
+    write_official_txt(tmp_path / "val.txt", ["v"])
+    files = [f"--train_files={tmp_path / 'train.txt'}", f"--val_files={tmp_path / 'val.txt'}"]
+    if raised == "ctrl-c":  # datasets wraps it in its own error: it must stay a Ctrl-C (exit 130, 'interrupted')
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path, *files)
+        return
+    message = error_of(tmp_path, *files)
+    assert message == {
+        "read-only": f"cannot write the datasets cache at {tmp_path / 'hf-cache'} (Read-only file system: "
+                     f"{tmp_path / 'hf-cache' / 'x.arrow'}): point --cache_dir=DIR at a folder you can write",
+        "no message": f"datasets could not read {tmp_path / 'train.txt'} (ArrowInvalid); check that it is valid"}[raised]
+
+
+def test_a_dataset_path_that_is_not_there_or_a_folder_for_train_files(tmp_path, monkeypatch):
+    for name in ["./no-such-folder", str(tmp_path / "nope"), "data/a/b"]:
+        assert error_of(tmp_path, f"--dataset={name}") == (f"--dataset={name}: no such folder (a Hugging Face dataset "
+                                                            "is named owner/name, like roneneldan/TinyStories)")
+    monkeypatch.setenv("HOME", str(tmp_path))  # ~ is expanded, as for the _dir flags
+    os.mkdir(tmp_path / "ds")
+    write_official_txt(tmp_path / "ds" / "train.txt", STORIES)
+    write_official_txt(tmp_path / "ds" / "validation.txt", ["v"])
+    assert run(tmp_path, "--dataset=~/ds")["source"]["dataset"] == str(tmp_path / "ds")
+    assert error_of(tmp_path, f"--train_files={tmp_path / 'ds'}") == (
+        f"--train_files: {tmp_path / 'ds'} is a folder: name its files ('{tmp_path / 'ds' / '*.txt'}'), or give the "
+        "folder as --dataset")
+
+
 def test_a_parquet_file_with_a_corrupt_footer_is_a_one_line_error(tmp_path):
     write_column_file(tmp_path / "train.parquet", STORIES)
     data = bytearray((tmp_path / "train.parquet").read_bytes())
