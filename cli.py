@@ -70,6 +70,26 @@ def run_main(main, argv=None):
         sys.exit(141)
 
 
+def lock_folder(folder, busy_message):
+    """
+    One writer at a time in a folder: an advisory lock on the folder itself (no lock file is left behind), which the
+    system drops when the process ends, however it ends. Returns its file descriptor, to close when done; a folder
+    another process holds is UserError(busy_message). (Windows has no flock: there, one run per folder is left to the
+    user, and this returns None.)
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    lock = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        raise UserError(busy_message) from None
+    return lock
+
+
 def stdout_to_devnull():
     """After stdout has failed (a closed pipe, a full disk): or Python's own flush at exit fails on it again and
     prints a warning."""
@@ -233,10 +253,15 @@ def parse_config(config_cls, argv=None, description="", nanogpt_flags=None):
         if key in nanogpt_flags:
             translate_later.append((next(positions), key, value))
         else:
+            if where != "the command line" and from_flag.get(key, value) != value:  # nanoGPT's order, which surprises
+                replaced.append(f"{where} sets {key}={value!r} over the earlier --{key}={from_flag[key]!r}; put flags "
+                                "after config files to override them")
             values[key] = value
             set_at[key] = next(positions)
+            if where == "the command line":
+                from_flag[key] = value
 
-    values, set_at, translate_later, positions = {}, {}, [], itertools.count()
+    values, set_at, translate_later, positions, from_flag, replaced = {}, {}, [], itertools.count(), {}, []
     args = list(argv)
     while args:
         arg = args.pop(0)
@@ -262,20 +287,23 @@ def parse_config(config_cls, argv=None, description="", nanogpt_flags=None):
             if value is None or value.startswith("--"):
                 raise UserError(f"{arg} needs a value: --key=value or --key value")
             set_value(arg[2:], value, "the command line")
-    config = config_cls(**values)
+    config, notes = config_cls(**values), replaced
     for position, name, value in translate_later:
         changes, note = nanogpt_flags[name][1](value, config)
         if any(set_at.get(key, -1) > position for key in changes):
             continue  # --eval_tokens after --eval_iters: the later one wins, as any setting given twice
         config = dataclasses.replace(config, **changes)
-        if note and os.environ.get("RANK", "0") == "0":  # one note under torchrun, not one per process
-            print(f"note: {note}", file=sys.stderr)
+        notes += [note] if note else []
+    for note in notes if os.environ.get("RANK", "0") == "0" else []:  # one note under torchrun, not one per process
+        print(f"note: {note}", file=sys.stderr)
     return config
 
 
 def config_help(config_cls, description="", nanogpt_flags=None):
     comments = _field_comments(config_cls)
-    usage = "usage: [config_file ...] [--key=value ...] (or --key value; a bare --key means True for True/False)"
+    script = f"python {os.path.basename(sys.argv[0])}" if sys.argv[0].endswith(".py") else "python SCRIPT.py"
+    usage = (f"usage: {script} [config_file ...] [--key=value ...] (in the order given, later ones win; or --key "
+             "value; a bare --key means True for True/False)")
     lines = [description.strip(), "", usage, ""]
     flags = [(f"--{f.name}={f.default!r}", comments.get(f.name, "")) for f in dataclasses.fields(config_cls)]
     width = max(len(flag) for flag, _ in flags)

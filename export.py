@@ -50,8 +50,8 @@ def main(argv=None):
     tokenizer = load_tokenizer(meta, cfg.out_dir)  # checks tiktoken's files or tokenizer.json, and that they match
     if os.path.exists(hf_dir) and not replaceable(hf_dir):
         names = set(os.listdir(hf_dir)) if os.path.isdir(hf_dir) else {"ckpt.pt"}
-        what = ("a file or a training run" if "ckpt.pt" in names else
-                f"the export would replace its own {', '.join(sorted(names & set(EXPORT_FILES)))}")
+        what = ("a file or a training run" if "ckpt.pt" in names else "data from prepare.py" if "meta.json" in names
+                else f"the export would replace its own {', '.join(sorted(names & set(EXPORT_FILES)))}")
         raise UserError(f"--hf_dir={hf_dir} exists and is not an earlier export ({what}); give the export a folder "
                         "of its own (the default is out_dir/hf)")
     try:
@@ -124,13 +124,13 @@ def replaceable(path):
     """
     A folder the export may write its files into: one that holds none of them (empty, or a fresh clone of a Hugging
     Face repo: its .git and other files are left alone), or an earlier export (config.json and model.safetensors, and
-    the model card export.py wrote), never a training run (--hf_dir=out by mistake) nor a folder whose own config.json
-    or README.md they would replace (another model downloaded from the hub, say).
+    the model card export.py wrote), never a training run (--hf_dir=out by mistake) or a data folder, nor a folder
+    whose own config.json or README.md they would replace (another model downloaded from the hub, say).
     """
     if not os.path.isdir(path):
         return False
     names = set(os.listdir(path))
-    if "ckpt.pt" in names:
+    if names & {"ckpt.pt", "meta.json"}:  # a training run, or data prepare.py wrote
         return False
     if not {"config.json", "model.safetensors", "README.md"} <= names:
         return not names & set(EXPORT_FILES)

@@ -24,7 +24,7 @@ import sys
 import time
 import unicodedata
 
-from cli import UserError, parse_config, run_main
+from cli import UserError, lock_folder, parse_config, run_main
 
 # -----------------------------------------------------------------------------
 # tokenizers
@@ -144,7 +144,8 @@ def _load_tiktoken_gpt2():
     except Exception as e:  # offline with no cache: requests' ConnectionError, or similar
         raise UserError(
             f"tiktoken could not load the GPT-2 BPE files ({type(e).__name__}). It downloads them on first use; "
-            "offline, set TIKTOKEN_CACHE_DIR to a folder that holds them, or use --tokenizer=bpe:N") from None
+            "offline, set TIKTOKEN_CACHE_DIR to a folder that holds them, or prepare the data with "
+            "--tokenizer=bpe:N (prepare.py)") from None
 
 
 # -----------------------------------------------------------------------------
@@ -229,7 +230,7 @@ def main(argv=None):
         looks_like_a_path = cfg.dataset.startswith((".", os.sep, "~")) or cfg.dataset.count("/") > 1
         if looks_like_a_path and not os.path.isdir(cfg.dataset):  # (a hub name has one /: owner/name)
             raise UserError(f"--dataset={cfg.dataset}: no such folder (a Hugging Face dataset is named owner/name, "
-                            "like roneneldan/TinyStories)")
+                            "like roneneldan/TinyStories); or give local files with --train_files")
     outputs = {os.path.realpath(os.path.join(cfg.data_dir, name)) for name in ("meta.json", "tokenizer.json")}
     for flag, f in [("train_files", f) for f in train_files] + [("val_files", f) for f in val_files]:
         if os.path.realpath(f) in outputs:  # ('data/*.json*' with --data_dir=data: a re-run would read its meta.json)
@@ -284,7 +285,10 @@ def main(argv=None):
     tokenizer = Tokenizer("gpt2") if cfg.tokenizer == "gpt2" else None  # fails fast when tiktoken is offline
     sha256 = {f["path"]: f["sha256"] for f in settings["train_files"] + settings["val_files"]}
     train, val, source = load_sources(cfg, train_files, val_files, sha256, local_dataset)
-    lock = lock_data_dir(cfg.data_dir)  # from here until the files are in place (or removed)
+    # one prepare.py at a time per data_dir, from here until the files are in place (or removed): two would swap their
+    # files in over each other's and could leave one run's meta.json beside the other's .bin files
+    lock = lock_folder(cfg.data_dir, f"another prepare.py is writing --data_dir={cfg.data_dir}: wait for it to finish "
+                                     "(a re-run then finds it up to date), or give this one another --data_dir")
     try:
         if tokenizer is None:
             no_val = None if val is None else []  # the training stories only: the same ones held out, no val source
@@ -332,27 +336,6 @@ def main(argv=None):
         print(f"{split}: {c['stories']:,} stories, {c['tokens']:,} tokens ({c['bytes'] / c['tokens']:.2f} bytes/token)"
               f" -> {out[split + '.bin']}")
     return meta
-
-
-def lock_data_dir(data_dir):
-    """
-    One prepare.py at a time per data_dir: two would swap their files in over each other's and could leave one run's
-    meta.json beside the other's .bin files. An advisory lock on the folder itself (no lock file is left behind),
-    which the system drops when the process ends, however it ends. Returns its file descriptor. (Windows has no
-    flock: there, one run per folder is left to the user.)
-    """
-    try:
-        import fcntl
-    except ImportError:
-        return None
-    lock = os.open(data_dir, os.O_RDONLY)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(lock)
-        raise UserError(f"another prepare.py is writing --data_dir={data_dir}: wait for it to finish (a re-run then "
-                        "finds it up to date), or give this one another --data_dir") from None
-    return lock
 
 
 def check_tokenizer(cfg):

@@ -348,8 +348,13 @@ def main(argv=None):
         show(text, end="\n" + dashes + "\n" if last else "")
 
     show(prompt, end="")
-    samples = generate_text(model, tokenizer, prompt, config.num_samples, config.max_new_tokens, config.temperature,
-                            config.top_k, config.top_p, config.seed, config.kv_cache, config.stop_at_eot, stream)
+    try:
+        samples = generate_text(model, tokenizer, prompt, config.num_samples, config.max_new_tokens,
+                                config.temperature, config.top_k, config.top_p, config.seed, config.kv_cache,
+                                config.stop_at_eot, stream)
+    except KeyboardInterrupt:
+        show("")  # ends the line being streamed: 'sample.py: interrupted' (stderr) then starts a line of its own
+        raise
     for sample in samples[1:]:
         show(prompt + sample)
         show(dashes)

@@ -25,7 +25,8 @@ import signal
 import time
 from dataclasses import dataclass
 
-from cli import UserError, interrupt_in_one_line, parse_config, print_config, run_main
+from cli import (UserError, interrupt_in_one_line, lock_folder, parse_config, print_config, run_main,
+                 stdout_to_devnull)
 
 if __name__ == "__main__":
     interrupt_in_one_line()  # while torch loads
@@ -161,8 +162,10 @@ def validate(config):
         problems.append(f"--n_embd={c.n_embd} must be a multiple of --n_head={c.n_head}")
     if not 0 <= c.dropout < 1:
         problems.append(f"--dropout must be in [0, 1), got {c.dropout}")
-    if c.learning_rate <= 0 or c.max_iters < 0 or c.warmup_iters < 0 or c.grad_clip < 0:
-        problems.append("--learning_rate must be > 0 and --max_iters, --warmup_iters, --grad_clip >= 0")
+    if c.learning_rate <= 0:
+        problems.append(f"--learning_rate must be above 0, got {c.learning_rate}")
+    problems += [f"--{name} must be 0 or more, got {getattr(c, name)}"
+                 for name in ("max_iters", "warmup_iters", "grad_clip") if getattr(c, name) < 0]
     if c.weight_decay < 0:
         problems.append(f"--weight_decay must be 0 (none) or more, got {c.weight_decay}")
     if not (0 <= c.beta1 < 1 and 0 <= c.beta2 < 1):
@@ -830,10 +833,11 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
-        raise UserError(f"{path} is not a readable slm checkpoint ({type(e).__name__}): re-save it with train.py") \
-            from None
+        raise UserError(f"{path} is not a readable slm checkpoint ({type(e).__name__}: damaged, cut short, or another "
+                        "program's): restore it from a copy, or train anew (--overwrite=True)") from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_args" not in checkpoint:
-        raise UserError(f"{path} is not an slm checkpoint (no model/model_args): re-save it with train.py")
+        raise UserError(f"{path} is not an slm checkpoint (no model/model_args): point --out_dir at a folder train.py "
+                        "wrote")
     if checkpoint.get("version") != CHECKPOINT_VERSION:
         raise UserError(f"{path} was written by an incompatible version of train.py (checkpoint version "
                         f"{checkpoint.get('version')}, this code reads {CHECKPOINT_VERSION}): retrain, or use the "
@@ -1021,8 +1025,13 @@ def start_wandb(config, run_id):
     except ImportError:
         raise UserError("--wandb_log=True needs wandb: pip install wandb") from None
     name = config.wandb_run_name or os.path.basename(os.path.abspath(config.out_dir))
-    return wandb.init(project=config.wandb_project, name=name, id=run_id, resume="allow" if run_id else None,
-                      config=dataclasses.asdict(config))
+    try:
+        return wandb.init(project=config.wandb_project, name=name, id=run_id, resume="allow" if run_id else None,
+                          config=dataclasses.asdict(config))
+    except wandb.errors.Error as e:  # no API key, the server unreachable...
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"wandb could not start ({why}): log in with `wandb login`, or log locally with "
+                        "WANDB_MODE=offline, or drop --wandb_log") from None
 
 
 def micro_steps_per_process(config, block_size, world_size):
@@ -1050,6 +1059,9 @@ def check_out_dir(config, ckpt_path):
     overwrite (nanoGPT overwrites it at the first evaluation: an afternoon of training lost to a forgotten flag)."""
     if os.path.exists(config.out_dir) and not os.path.isdir(config.out_dir):
         raise UserError(f"--out_dir={config.out_dir} is a file, not a folder: choose another --out_dir")
+    if os.path.exists(os.path.join(config.out_dir, "meta.json")):  # its tokenizer.json would be replaced
+        raise UserError(f"--out_dir={config.out_dir} holds prepared data (meta.json): give the run a folder of its "
+                        "own, for example --out_dir=out")
     if config.init_from == "scratch" and os.path.exists(ckpt_path) and not config.overwrite:
         raise UserError(f"{ckpt_path} holds a trained checkpoint that a new run would replace: continue it with "
                         "--init_from=resume, choose another --out_dir, or start over with --overwrite=True (replaces "
@@ -1082,13 +1094,15 @@ def loss_not_finite(loss, iter_num, ckpt_path):
                      "--dtype=bfloat16/float32")
 
 
-def restores_signal_handlers(fn):
-    """main() installs its own Ctrl-C and SIGTERM handlers; whoever called it gets theirs back, however it ends."""
+def restores_process_state(fn):
+    """main() installs its own Ctrl-C and SIGTERM handlers and locks out_dir: whoever called it (a test, a notebook)
+    gets its handlers back and the lock released, however it ends. main registers what to undo with on_exit."""
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(argv=None):
         saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
         try:
-            return fn(*args, **kwargs)
+            with contextlib.ExitStack() as on_exit:
+                return fn(argv, on_exit)
         finally:
             for signum, handler in saved.items():
                 if handler is not None:  # (None: a handler not installed from Python, which stays)
@@ -1096,8 +1110,8 @@ def restores_signal_handlers(fn):
     return wrapper
 
 
-@restores_signal_handlers
-def main(argv=None):
+@restores_process_state
+def main(argv=None, on_exit=None):
     config = parse_config(TrainConfig, argv, __doc__, NANOGPT_FLAGS)
     validate(config)
     if config.eval_only:
@@ -1135,7 +1149,15 @@ def main(argv=None):
             if master:
                 print("note: torch.compile is not available here (no Triton); running eagerly")
             compile_model = False
-    say = print if master else (lambda *args, **kwargs: None)
+    stop_requested = []  # Ctrl-C, SIGTERM or a reader gone: the loop stops after its step, and saves
+
+    def say(line):  # rank 0 reports; when stdout's reader has gone (train.py | head), the run stops as on Ctrl-C
+        if master:
+            try:
+                print(line)
+            except BrokenPipeError:
+                stdout_to_devnull()
+                stop_requested.append("stdout closed")
     if master:
         print_config(config)
     if device.type == "cpu" and config.n_embd >= 512 and config.max_iters >= 1000:
@@ -1153,6 +1175,11 @@ def main(argv=None):
     ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
     log_path = os.path.join(config.out_dir, "log.jsonl")
     check_out_dir(config, ckpt_path)  # before anything in out_dir is touched
+    if master and not config.eval_only:  # two runs in one out_dir would write over each other's checkpoints
+        lock = lock_folder(config.out_dir, f"another train.py is writing --out_dir={config.out_dir}: wait for it to "
+                                           "finish, or give this one another --out_dir")
+        if lock is not None:
+            on_exit.callback(os.close, lock)
 
     # model, optimizer, loss scaler: fresh, or exactly as they were saved
     iter_num, best_val_loss, elapsed_before, train_s, wandb_run_id = 0, float("inf"), 0.0, 0.0, None
@@ -1200,6 +1227,8 @@ def main(argv=None):
             raise UserError(f"{ckpt_path} was trained with --optimizer={optimized_with}: resume with the same "
                             f"--optimizer={optimized_with}")
         say(f"resuming from {ckpt_path} at iter {iter_num}")
+        if not config.max_minutes and not config.eval_only and iter_num >= config.max_iters:
+            say(f"note: the run has done its --max_iters={config.max_iters} steps: raise --max_iters to train on")
     else:
         model_args = {**{name: getattr(config, name) for name in ARCHITECTURE}, "vocab_size": meta["vocab_size"],
                       "dropout": config.dropout}
@@ -1261,6 +1290,8 @@ def main(argv=None):
         dst = os.path.join(config.out_dir, meta["tokenizer_file"])
         shutil.copyfile(os.path.join(config.data_dir, meta["tokenizer_file"]), dst + ".tmp")
         os.replace(dst + ".tmp", dst)
+    elif master and config.init_from == "scratch" and os.path.exists(os.path.join(config.out_dir, "tokenizer.json")):
+        os.remove(os.path.join(config.out_dir, "tokenizer.json"))  # an earlier run's: GPT-2 tokens need none
     wandb_run = start_wandb(config, wandb_run_id) if master and config.wandb_log and not config.eval_only else None
 
     raw_model = model  # the bare GPT: its state_dict has no compile/DDP prefixes
@@ -1296,7 +1327,7 @@ def main(argv=None):
 
     # Ctrl-C (or SIGTERM: a scheduler's or a container's stop) finishes the current step, saves a checkpoint and
     # exits; a second Ctrl-C stops at once. --eval_only has nothing to save: Ctrl-C stops it at once.
-    stop_requested, interrupted = [], None
+    interrupted = None
 
     def request_stop(signum, frame):
         stop_requested.append(signum)
@@ -1434,7 +1465,8 @@ def main(argv=None):
                 mfu = raw_model.estimate_mfu(tokens_per_s / world_size, peak_flops)
                 t_last = time.time()  # (the probe is not training time)
             if budget_s:
-                eta, so_far = max(0.0, budget_s - train_s), f" ({train_s / 60:.1f}/{config.max_minutes:g} min)"
+                places = max(1, len(f"{config.max_minutes:g}".partition(".")[2]))  # 0.15 min: not 0.2/0.15
+                eta, so_far = max(0.0, budget_s - train_s), f" ({train_s / 60:.{places}f}/{config.max_minutes:g} min)"
             else:
                 eta, so_far = (config.max_iters - iter_num) * dt, f"/{config.max_iters}"
             say(f"iter {iter_num}{so_far} | loss {loss_now:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | "

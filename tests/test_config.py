@@ -33,6 +33,15 @@ def test_config_file_then_flags(tmp_path):
     assert c == DemoConfig(n_layer=3, learning_rate=1.0, compile=True, out_dir="out-json")
 
 
+def test_a_config_file_after_a_flag_wins_and_says_so(tmp_path, capsys):
+    py = tmp_path / "small.py"
+    py.write_text("n_layer = 2\nout_dir = 'out-small'\n")
+    c = parse_config(DemoConfig, ["--out_dir=mine", "--n_layer=2", str(py), "--compile=True"])
+    assert c == DemoConfig(n_layer=2, out_dir="out-small", compile=True)  # nanoGPT's order: the later one wins
+    assert capsys.readouterr().err == (f"note: {py} sets out_dir='out-small' over the earlier --out_dir='mine'; put "
+                                       "flags after config files to override them\n")  # n_layer: the same, no note
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--n_layr=3"], "unknown setting 'n_layr' in the command line (did you mean --n_layer?)"),
     (["--n_layer=three"], "--n_layer must be int, got 'three'"),

@@ -249,12 +249,12 @@ def test_unwritable_hf_dir_is_a_one_line_error(tmp_path, capsys):
     assert "error: cannot write to --hf_dir=" in err and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("where", ["out_dir", "folder", "another model", "file"])
+@pytest.mark.parametrize("where", ["out_dir", "folder", "another model", "file", "data folder"])
 def test_what_is_not_an_earlier_export_is_never_replaced(tmp_path, where):
     out_dir = str(tmp_path / "out")
     make_checkpoint(out_dir, "bpe")
     hf_dir = {"out_dir": out_dir, "folder": str(tmp_path / "notes"), "another model": str(tmp_path / "llama"),
-              "file": str(tmp_path / "notes.txt")}[where]
+              "file": str(tmp_path / "notes.txt"), "data folder": str(tmp_path / "data")}[where]
     if where in ("folder", "another model"):  # a folder whose own config.json the export would replace
         os.makedirs(hf_dir)
         with open(os.path.join(hf_dir, "config.json"), "w") as f:
@@ -265,6 +265,10 @@ def test_what_is_not_an_earlier_export_is_never_replaced(tmp_path, where):
                 f.write(text)
     elif where == "file":
         open(hf_dir, "w").close()
+    elif where == "data folder":  # GPT-2 tokens: no tokenizer.json that the export would replace, only its meta.json
+        os.makedirs(hf_dir)
+        for name in ("meta.json", "train.bin", "val.bin"):
+            open(os.path.join(hf_dir, name), "w").close()
     before = {path: sorted(files) for path, _, files in os.walk(tmp_path)}
     with pytest.raises(UserError, match="is not an earlier export"):
         export.main([f"--out_dir={out_dir}", f"--hf_dir={hf_dir}"])

@@ -330,6 +330,19 @@ def test_wandb_missing_is_one_line_saying_how_to_install_it(data_dir, tmp_path, 
     assert "--wandb_log=True needs wandb: pip install wandb" in err
 
 
+def test_wandb_that_cannot_start_is_one_line_saying_what_to_do(data_dir, tmp_path, monkeypatch, capsys):
+    import wandb
+
+    def init(**kwargs):  # what wandb.init raises with no API key configured (and WANDB_MODE unset)
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(wandb, "init", init)
+    err = one_line_error(capsys, train.main, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}", *TINY,
+                         "--max_iters=1", "--wandb_log")
+    assert err.endswith("error: wandb could not start (No API key configured. Use `wandb login` to log in.): log in "
+                        "with `wandb login`, or log locally with WANDB_MODE=offline, or drop --wandb_log\n")
+
+
 def read_wandb_file(path):
     """The records of a run's .wandb file: a LevelDB-style log (32 KiB blocks of crc32, length, type + data)."""
     from wandb.proto import wandb_internal_pb2

@@ -404,7 +404,8 @@ def test_errors_for_bad_files_columns_and_splits(tmp_path):
     assert message.startswith(f"{tmp_path / 'val.txt'} is in both --train_files and --val_files")
     assert "is a file: give local files with --train_files" in error_of(tmp_path, f"--dataset={tmp_path / 'train.txt'}")
     message = error_of(tmp_path, f"--dataset={tmp_path / 'no-such-folder'}")
-    assert "check --dataset, or give local files with --train_files" in message
+    assert message.endswith("no such folder (a Hugging Face dataset is named owner/name, like roneneldan/TinyStories); "
+                            "or give local files with --train_files")
     assert not (tmp_path / "out" / "meta.json").exists() and not os.listdir(tmp_path / "out")
 
 
@@ -560,8 +561,9 @@ def test_what_goes_wrong_while_datasets_writes_its_cache(tmp_path, monkeypatch, 
 
 def test_a_dataset_path_that_is_not_there_or_a_folder_for_train_files(tmp_path, monkeypatch):
     for name in ["./no-such-folder", str(tmp_path / "nope"), "data/a/b"]:
-        assert error_of(tmp_path, f"--dataset={name}") == (f"--dataset={name}: no such folder (a Hugging Face dataset "
-                                                            "is named owner/name, like roneneldan/TinyStories)")
+        assert error_of(tmp_path, f"--dataset={name}") == (
+            f"--dataset={name}: no such folder (a Hugging Face dataset is named owner/name, like "
+            "roneneldan/TinyStories); or give local files with --train_files")
     monkeypatch.setenv("HOME", str(tmp_path))  # ~ is expanded, as for the _dir flags
     os.mkdir(tmp_path / "ds")
     write_official_txt(tmp_path / "ds" / "train.txt", STORIES)

@@ -700,6 +700,47 @@ def test_cuda_rng_state_is_the_training_gpus_alone(monkeypatch):
     assert restored.pop() == (states[5], torch.device("cuda", 1))
 
 
+def test_one_run_at_a_time_in_an_out_dir_and_never_in_a_data_folder(data_dir, tmp_path):
+    import cli
+
+    os.makedirs(tmp_path / "out")
+    lock = cli.lock_folder(str(tmp_path / "out"), "held")  # as another train.py holds it
+    try:
+        with pytest.raises(UserError, match=r"^another train.py is writing --out_dir=.*/out: wait for it to finish, "
+                                            "or give this one another --out_dir$"):
+            run_train(data_dir, tmp_path / "out", "--max_iters=1")
+    finally:
+        os.close(lock)
+    run_train(data_dir, tmp_path / "out", "--max_iters=1", "--eval_interval=1")  # once it is free
+    run_train(data_dir, tmp_path / "out", "--max_iters=2", "--eval_interval=1", "--init_from=resume")  # main let go
+    with pytest.raises(UserError, match=r"^--out_dir=\S+ holds prepared data \(meta.json\): give the run a folder"):
+        run_train(data_dir, data_dir, "--max_iters=1")  # its tokenizer.json would be replaced
+
+
+def test_a_new_run_leaves_no_earlier_runs_tokenizer(data_dir, tmp_path):
+    os.makedirs(tmp_path / "out")
+    for name in ("ckpt.pt", "tokenizer.json"):  # a bpe run's; this data needs no tokenizer.json
+        (tmp_path / "out" / name).write_text("old")
+    run_train(data_dir, tmp_path / "out", "--max_iters=1", "--eval_interval=1", "--overwrite=True")
+    assert sorted(os.listdir(tmp_path / "out")) == ["ckpt.pt", "log.jsonl"]
+
+
+def test_a_closed_stdout_stops_the_run_and_saves_it(data_dir, tmp_path):
+    # `train.py | head`: the next progress line finds the pipe closed; as on Ctrl-C the step ends and is saved
+    process = subprocess.Popen(
+        [sys.executable, "train.py", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}", *TINY,
+         "--max_iters=100000", "--eval_interval=100000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    while not process.stdout.readline().startswith("iter 3/"):
+        pass
+    process.stdout.close()
+    err = process.stderr.read()
+    assert process.wait(timeout=120) == 130, err
+    assert re.fullmatch(r"train.py: interrupted: saved \S+ckpt.pt at iter \d+; continue with --init_from=resume\n",
+                        err), err
+    assert torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)["iter_num"] > 3
+
+
 def test_torchrun_takes_no_device_index(data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
