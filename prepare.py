@@ -469,6 +469,7 @@ def load_sources(cfg, train_files, val_files, sha256, local_dataset):
     """
     import datasets
     import datasets.data_files
+    import huggingface_hub.constants
     import pyarrow as pa
     from datasets.naming import filenames_for_dataset_split
 
@@ -511,6 +512,7 @@ def load_sources(cfg, train_files, val_files, sha256, local_dataset):
         # escaped: datasets expands data_files as globs, and 's[1].txt' would read s1.txt
         return prepare_splits(builder, path, column, name=content, data_files=[glob.escape(path)])["train"]
 
+    offline = None  # the hub's host name, when it does not resolve
     try:
         if train_files:
             # (datasets cannot read an empty file: leave it out, and a split of only empty files is empty)
@@ -518,6 +520,9 @@ def load_sources(cfg, train_files, val_files, sha256, local_dataset):
             val = [prepare_file(f) for f in val_files if os.path.getsize(f)] if val_files else None
             source = {"train": ", ".join(train_files), "val": ", ".join(val_files)}
         else:
+            if not local_dataset and (offline := unresolved_hub_host()):  # datasets would retry for ~25 s, then
+                datasets.config.HF_HUB_OFFLINE = True  # fail: offline mode loads a copy cached earlier, or fails now
+                huggingface_hub.constants.HF_HUB_OFFLINE = True
             splits = prepare_splits(cfg.dataset, cfg.dataset, cfg.text_column)
             if "train" not in splits:
                 raise UserError(f"dataset {cfg.dataset} has no 'train' split (it has {', '.join(splits)}); "
@@ -527,7 +532,8 @@ def load_sources(cfg, train_files, val_files, sha256, local_dataset):
             source = {"dataset": cfg.dataset, "train": "split train", "val": val_name and f"split {val_name}"}
     except ConnectionError as e:  # offline (HF_HUB_OFFLINE=1, or after datasets' retries), or the hub is down
         raise UserError(
-            f"cannot reach the Hugging Face hub to load {cfg.dataset} ({str(e).splitlines()[0]}). Offline, give local "
+            f"cannot reach the Hugging Face hub to load {cfg.dataset} "
+            f"({f'{offline} does not resolve' if offline else str(e).splitlines()[0]}). Offline, give local "
             "files: --train_files=TinyStories-train.txt --val_files=TinyStories-valid.txt; tiktoken's gpt2 also needs "
             "its files cached (set TIKTOKEN_CACHE_DIR) or use --tokenizer=bpe:N") from None
     except datasets.data_files.EmptyDatasetError as e:  # (a FileNotFoundError: before the clause below)
@@ -538,6 +544,24 @@ def load_sources(cfg, train_files, val_files, sha256, local_dataset):
     if val is None:
         source["val"] = f"{cfg.val_fraction} of the training stories held out (seed {cfg.seed})"
     return train, val, source
+
+
+def unresolved_hub_host():
+    """The hub's host name when it does not resolve and no proxy would resolve it for us (offline), else None."""
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    import huggingface_hub.constants
+
+    host = urllib.parse.urlsplit(huggingface_hub.constants.ENDPOINT).hostname
+    if urllib.request.getproxies():
+        return None
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return host
+    return None
 
 
 def source_error(e, what, cache_dir):

@@ -642,6 +642,30 @@ def test_errors_for_settings_output_and_hub(tmp_path):
     assert "TIKTOKEN_CACHE_DIR" in message
 
 
+def test_offline_without_hf_hub_offline_fails_at_once(tmp_path, monkeypatch):
+    # a user without a network and without HF_HUB_OFFLINE: datasets would retry for ~25 s (and log each retry)
+    import socket
+
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # (conftest sets it; restored after the test)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for proxy in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    looked_up = []
+
+    def no_dns(host, *args, **kwargs):
+        looked_up.append(host)
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    message = error_of(tmp_path, "--dataset=roneneldan/TinyStories")
+    assert message.startswith("cannot reach the Hugging Face hub to load roneneldan/TinyStories (huggingface.co "
+                              "does not resolve). Offline, give local files: --train_files=")
+    assert looked_up[0] == "huggingface.co"
+
+
 def test_error_from_the_command_line_is_one_line_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, "prepare.py", f"--train_files={tmp_path / 'nope.txt'}",
                              f"--data_dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True)
