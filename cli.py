@@ -70,6 +70,11 @@ def run_main(main, argv=None):
         sys.exit(141)
 
 
+def first_line(error):
+    """An exception's message for a one-line error: its first line, or its type's name when it has none."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def lock_folder(folder, busy_message):
     """
     One writer at a time in a folder: an advisory lock on the folder itself (no lock file is left behind), which the
@@ -87,6 +92,9 @@ def lock_folder(folder, busy_message):
     except BlockingIOError:
         os.close(lock)
         raise UserError(busy_message) from None
+    except OSError:  # a filesystem without flock (some NFS, Lustre or FUSE mounts): no lock, as on Windows
+        os.close(lock)
+        return None
     return lock
 
 
@@ -253,15 +261,11 @@ def parse_config(config_cls, argv=None, description="", nanogpt_flags=None):
         if key in nanogpt_flags:
             translate_later.append((next(positions), key, value))
         else:
-            if where != "the command line" and from_flag.get(key, value) != value:  # nanoGPT's order, which surprises
-                replaced.append(f"{where} sets {key}={value!r} over the earlier --{key}={from_flag[key]!r}; put flags "
-                                "after config files to override them")
-            values[key] = value
-            set_at[key] = next(positions)
+            values[key], set_at[key], set_by[key] = value, next(positions), where
             if where == "the command line":
                 from_flag[key] = value
 
-    values, set_at, translate_later, positions, from_flag, replaced = {}, {}, [], itertools.count(), {}, []
+    values, set_at, set_by, translate_later, positions, from_flag = {}, {}, {}, [], itertools.count(), {}
     args = list(argv)
     while args:
         arg = args.pop(0)
@@ -287,7 +291,11 @@ def parse_config(config_cls, argv=None, description="", nanogpt_flags=None):
             if value is None or value.startswith("--"):
                 raise UserError(f"{arg} needs a value: --key=value or --key value")
             set_value(arg[2:], value, "the command line")
-    config, notes = config_cls(**values), replaced
+    config = config_cls(**values)
+    # files and flags apply in the order given, as in nanoGPT: a flag before a file that sets it again is overridden
+    notes = [f"{set_by[key]} sets {key}={value!r} over the earlier --{key}={from_flag[key]!r}; put flags after config "
+             "files to override them" for key, value in values.items()
+             if set_by[key] != "the command line" and from_flag.get(key, value) != value]
     for position, name, value in translate_later:
         changes, note = nanogpt_flags[name][1](value, config)
         if any(set_at.get(key, -1) > position for key in changes):

@@ -24,7 +24,7 @@ import sys
 import time
 import unicodedata
 
-from cli import UserError, lock_folder, parse_config, run_main
+from cli import UserError, first_line, lock_folder, parse_config, run_main
 
 # -----------------------------------------------------------------------------
 # tokenizers
@@ -144,8 +144,8 @@ def _load_tiktoken_gpt2():
     except Exception as e:  # offline with no cache: requests' ConnectionError, or similar
         raise UserError(
             f"tiktoken could not load the GPT-2 BPE files ({type(e).__name__}). It downloads them on first use; "
-            "offline, set TIKTOKEN_CACHE_DIR to a folder that holds them, or prepare the data with "
-            "--tokenizer=bpe:N (prepare.py)") from None
+            "offline, set TIKTOKEN_CACHE_DIR to a folder that holds them (prepare.py could use --tokenizer=bpe:N "
+            "instead)") from None
 
 
 # -----------------------------------------------------------------------------
@@ -227,8 +227,8 @@ def main(argv=None):
         if os.path.isfile(cfg.dataset):
             raise UserError(f"--dataset={cfg.dataset} is a file: give local files with --train_files (and "
                             "--val_files)")
-        looks_like_a_path = cfg.dataset.startswith((".", os.sep, "~")) or cfg.dataset.count("/") > 1
-        if looks_like_a_path and not os.path.isdir(cfg.dataset):  # (a hub name has one /: owner/name)
+        path_like = os.path.isabs(cfg.dataset) or cfg.dataset.startswith((".", "~")) or cfg.dataset.count("/") > 1
+        if path_like and not os.path.isdir(cfg.dataset):  # (a hub name has one /: owner/name)
             raise UserError(f"--dataset={cfg.dataset}: no such folder (a Hugging Face dataset is named owner/name, "
                             "like roneneldan/TinyStories); or give local files with --train_files")
     outputs = {os.path.realpath(os.path.join(cfg.data_dir, name)) for name in ("meta.json", "tokenizer.json")}
@@ -287,8 +287,8 @@ def main(argv=None):
     train, val, source = load_sources(cfg, train_files, val_files, sha256, local_dataset)
     # one prepare.py at a time per data_dir, from here until the files are in place (or removed): two would swap their
     # files in over each other's and could leave one run's meta.json beside the other's .bin files
-    lock = lock_folder(cfg.data_dir, f"another prepare.py is writing --data_dir={cfg.data_dir}: wait for it to finish "
-                                     "(a re-run then finds it up to date), or give this one another --data_dir")
+    lock = lock_folder(cfg.data_dir, f"another run is writing --data_dir={cfg.data_dir}: wait for it to finish (a "
+                                     "re-run then finds it up to date), or give this one another --data_dir")
     try:
         if tokenizer is None:
             no_val = None if val is None else []  # the training stories only: the same ones held out, no val source
@@ -594,8 +594,7 @@ def source_error(e, what, cache_dir):
                          "--cache_dir=DIR at a folder you can write")
     if isinstance(e, OSError) and not (type(e) is OSError and e.errno is None):  # (pyarrow's errors are plain
         return None  # OSErrors without an errno: a malformed file)
-    why = (str(cause).splitlines() or [type(cause).__name__])[0]
-    return UserError(f"datasets could not read {what} ({why}); check that it is valid")
+    return UserError(f"datasets could not read {what} ({first_line(cause)}); check that it is valid")
 
 
 def read_stories(arrow_files, column, is_txt, chunk_bytes, bar, repair, what):

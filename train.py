@@ -20,12 +20,13 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import time
 from dataclasses import dataclass
 
-from cli import (UserError, interrupt_in_one_line, lock_folder, parse_config, print_config, run_main,
+from cli import (UserError, first_line, interrupt_in_one_line, lock_folder, parse_config, print_config, run_main,
                  stdout_to_devnull)
 
 if __name__ == "__main__":
@@ -656,6 +657,8 @@ def orthogonalize(g, coefficients, steps, eps, dtype):
     torch.optim.Muon, in dtype. The quintic's coefficients push singular values into about [0.7, 1.2] in a few steps.
     """
     a, b, c = coefficients
+    if dtype == torch.float16:  # its range is narrow: scaled first, or a small gradient's entries flush to zero
+        g = g / g.norm().clamp(min=eps)
     x = g.to(dtype)
     if g.size(0) > g.size(1):
         x = x.T  # the Gram matrix of the shorter side is the cheaper one
@@ -834,7 +837,7 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
         raise UserError(f"{path} is not a readable slm checkpoint ({type(e).__name__}: damaged, cut short, or another "
-                        "program's): restore it from a copy, or train anew (--overwrite=True)") from None
+                        "program's): restore it from a copy, or train a new one") from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_args" not in checkpoint:
         raise UserError(f"{path} is not an slm checkpoint (no model/model_args): point --out_dir at a folder train.py "
                         "wrote")
@@ -860,7 +863,7 @@ def rng_state(device):
         "python": list(random.getstate()[1]),
         "numpy": [torch.from_numpy(np.random.get_state()[1].astype(np.int64)), *np.random.get_state()[2:]],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,  # the training GPU's only
+        "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],  # the training GPU's only
     }
 
 
@@ -869,11 +872,9 @@ def set_rng_state(state, device):
     key, *rest = state["numpy"]
     np.random.set_state(("MT19937", key.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
-    cuda = state["cuda"]
-    if isinstance(cuda, list):  # older checkpoints held every GPU's state, and failed to resume with fewer GPUs
-        cuda = (cuda[device.index or 0] if (device.index or 0) < len(cuda) else cuda[0]) if cuda else None
-    if cuda is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(cuda, device)
+    cuda = state["cuda"]  # older checkpoints held every GPU's state (and failed to resume with fewer GPUs), now one
+    if cuda and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda[device.index or 0] if (device.index or 0) < len(cuda) else cuda[0], device)
 
 
 # -----------------------------------------------------------------------------
@@ -980,11 +981,12 @@ def peak_flops_of(device, dtype):
             return 0.0  # a slice of the GPU: its share of the peak is not known here
         # dense tensor-core peaks, bf16/fp16 (fp32 accumulate) and float32 (TF32; V100 and T4 have none)
         table = {"H100 PCIe": (756e12, 378e12), "H100 NVL": (835e12, 418e12), "H100": (989e12, 495e12),
-                 "H200": (989e12, 495e12), "B200": (2250e12, 1100e12), "A100": (312e12, 156e12),
-                 "L40S": (362e12, 183e12), "L40": (181e12, 90e12), "L4": (121e12, 60e12), "A10": (125e12, 62e12),
-                 "4090": (165e12, 83e12), "3090": (36e12, 36e12), "V100": (125e12, 16e12), "T4": (65e12, 8e12)}
-        for key in sorted(table, key=len, reverse=True):  # "L40S" before "L40" before "L4"
-            if key in name:
+                 "H200 NVL": (835e12, 418e12), "H200": (989e12, 495e12), "GH200": (989e12, 495e12),
+                 "B200": (2250e12, 1100e12), "A100": (312e12, 156e12), "L40S": (362e12, 183e12), "L40": (181e12, 90e12),
+                 "L4": (121e12, 60e12), "A10": (125e12, 62e12), "4090": (165e12, 83e12), "3090": (71e12, 36e12),
+                 "V100": (125e12, 16e12), "T4": (65e12, 8e12)}
+        for key in sorted(table, key=len, reverse=True):  # whole words, longest first: "H100 PCIe" before "H100"
+            if re.search(rf"\b{key}\b", name):  # and "L40" is not "L40S", "A10" not "A100" or "A10G"
                 return table[key][dtype == "float32"]
         return 0.0
     if device.type != "cpu":
@@ -1029,8 +1031,7 @@ def start_wandb(config, run_id):
         return wandb.init(project=config.wandb_project, name=name, id=run_id, resume="allow" if run_id else None,
                           config=dataclasses.asdict(config))
     except wandb.errors.Error as e:  # no API key, the server unreachable...
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"wandb could not start ({why}): log in with `wandb login`, or log locally with "
+        raise UserError(f"wandb could not start ({first_line(e)}): log in with `wandb login`, or log locally with "
                         "WANDB_MODE=offline, or drop --wandb_log") from None
 
 
@@ -1059,7 +1060,8 @@ def check_out_dir(config, ckpt_path):
     overwrite (nanoGPT overwrites it at the first evaluation: an afternoon of training lost to a forgotten flag)."""
     if os.path.exists(config.out_dir) and not os.path.isdir(config.out_dir):
         raise UserError(f"--out_dir={config.out_dir} is a file, not a folder: choose another --out_dir")
-    if os.path.exists(os.path.join(config.out_dir, "meta.json")):  # its tokenizer.json would be replaced
+    if (os.path.exists(os.path.join(config.out_dir, "meta.json")) and not config.eval_only  # another data folder:
+            and os.path.realpath(config.out_dir) != os.path.realpath(config.data_dir)):  # its tokenizer.json would go
         raise UserError(f"--out_dir={config.out_dir} holds prepared data (meta.json): give the run a folder of its "
                         "own, for example --out_dir=out")
     if config.init_from == "scratch" and os.path.exists(ckpt_path) and not config.overwrite:
@@ -1111,7 +1113,7 @@ def restores_process_state(fn):
 
 
 @restores_process_state
-def main(argv=None, on_exit=None):
+def main(argv, on_exit):
     config = parse_config(TrainConfig, argv, __doc__, NANOGPT_FLAGS)
     validate(config)
     if config.eval_only:
@@ -1155,9 +1157,9 @@ def main(argv=None, on_exit=None):
         if master:
             try:
                 print(line)
-            except BrokenPipeError:
+            except OSError:  # a closed pipe, or a full disk behind `> log`
                 stdout_to_devnull()
-                stop_requested.append("stdout closed")
+                stop_requested.append("stdout failed")
     if master:
         print_config(config)
     if device.type == "cpu" and config.n_embd >= 512 and config.max_iters >= 1000:
@@ -1176,8 +1178,8 @@ def main(argv=None, on_exit=None):
     log_path = os.path.join(config.out_dir, "log.jsonl")
     check_out_dir(config, ckpt_path)  # before anything in out_dir is touched
     if master and not config.eval_only:  # two runs in one out_dir would write over each other's checkpoints
-        lock = lock_folder(config.out_dir, f"another train.py is writing --out_dir={config.out_dir}: wait for it to "
-                                           "finish, or give this one another --out_dir")
+        lock = lock_folder(config.out_dir, f"another run is writing --out_dir={config.out_dir}: wait for it to finish, "
+                                           "or give this one another --out_dir")
         if lock is not None:
             on_exit.callback(os.close, lock)
 
@@ -1217,8 +1219,8 @@ def main(argv=None, on_exit=None):
         tokens_before = checkpoint["tokens"]  # trained on so far: where this run's windows continue the stream
         wandb_run_id = checkpoint.get("wandb_run_id")  # the resumed run logs into the same wandb run
         resumed_dtype = checkpoint.get("dtype")  # what it trained in: --dtype=auto keeps it (on a CPU, below)
-        if config.dtype == "auto" and device.type == "cuda" and resumed_dtype in ("float16", "float32"):
-            dtype = resumed_dtype  # (and its loss scale): a resume is exact only in the dtype it trained in
+        if config.dtype == "auto" and device.type == "cuda" and resumed_dtype == "float16":
+            dtype = resumed_dtype  # and its loss scale: a bf16 GPU would otherwise switch a float16 run to bf16
             say(f"dtype auto: {dtype}, the dtype of the run being resumed")
         optimized_with = checkpoint["config"].get("optimizer", "adamw")  # (checkpoints from before Muon: adamw)
         if config.eval_only:
@@ -1522,7 +1524,7 @@ def main_with_memory_hint(argv=None):
     try:
         main(argv)
     except torch.OutOfMemoryError as e:
-        what = (str(e).strip().splitlines() or [""])[0][:200]
+        what = first_line(e)[:200]
         raise UserError(f"out of GPU memory ({what}): lower --batch_size (gradient accumulation then makes up "
                         "--total_batch_size, so the step stays the same), or --block_size or the model size; or free "
                         "the GPU from other processes") from None

@@ -18,6 +18,10 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(_shared_cache):
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# datasets gives its loggers a handler on the sys.stderr of the moment it is first imported: imported in a test that
+# captures output (capsys), the handler would keep that test's stream, closed once it ends, and a later test's log
+# record would print a "Logging error" traceback into that test's stderr. Imported here, it has the session's.
+import datasets  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")

@@ -446,7 +446,7 @@ def test_a_second_prepare_into_a_folder_being_written_is_refused_and_touches_not
         message = error_of(tmp_path, *flags, "--force=True")
     finally:
         os.close(other_run)
-    assert message.startswith(f"another prepare.py is writing --data_dir={tmp_path / 'out'}: wait for it")
+    assert message.startswith(f"another run is writing --data_dir={tmp_path / 'out'}: wait for it")
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
     run(tmp_path, *flags, "--force=True")  # once it is done, the folder is free
     assert sorted(os.listdir(tmp_path / "out")) == ["meta.json", "train.bin", "val.bin"]
@@ -556,7 +556,8 @@ def test_what_goes_wrong_while_datasets_writes_its_cache(tmp_path, monkeypatch, 
     assert message == {
         "read-only": f"cannot write the datasets cache at {tmp_path / 'hf-cache'} (Read-only file system: "
                      f"{tmp_path / 'hf-cache' / 'x.arrow'}): point --cache_dir=DIR at a folder you can write",
-        "no message": f"datasets could not read {tmp_path / 'train.txt'} (ArrowInvalid); check that it is valid"}[raised]
+        "no message": f"datasets could not read {tmp_path / 'train.txt'} (ArrowInvalid); check that it is valid",
+    }[raised]
 
 
 def test_a_dataset_path_that_is_not_there_or_a_folder_for_train_files(tmp_path, monkeypatch):

@@ -107,6 +107,8 @@ def test_float32_newton_schulz_orthogonalises():
         assert singular.min() > 0.5 and singular.max() < 1.3  # near-orthogonal
         in_bfloat16 = train.orthogonalize(g, (3.4445, -4.775, 2.0315), 5, 1e-7, torch.bfloat16)
         assert (x - in_bfloat16).abs().max() < 0.05  # torch's bfloat16 iterations, to bfloat16's precision
+        tiny = train.orthogonalize(g * 1e-7, (3.4445, -4.775, 2.0315), 5, 1e-7, torch.float16)  # (GPUs without bf16)
+        assert (x - tiny).abs().max() < 0.05  # a small gradient's entries are not flushed to zero in float16
 
 
 def test_newton_schulz_runs_in_float32_on_a_cpu_without_bfloat16_autocast():
@@ -522,10 +524,12 @@ def test_eval_only_times_no_training_passes(data_dir, tmp_path, monkeypatch, cap
     ("NVIDIA L40S", "bfloat16", 362e12), ("NVIDIA L4", "bfloat16", 121e12),
     ("NVIDIA A100-SXM4-80GB", "float32", 156e12), ("Tesla V100-SXM2-16GB", "float32", 16e12),
     ("Tesla T4", "float16", 65e12),
-    ("NVIDIA GeForce RTX 3090", "bfloat16", 36e12), ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", "bfloat16", 0.0),
-    ("Some Future GPU", "bfloat16", 0.0)])
+    ("NVIDIA GeForce RTX 3090", "bfloat16", 71e12), ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", "bfloat16", 0.0),
+    ("NVIDIA H200 NVL", "bfloat16", 835e12), ("NVIDIA GH200 480GB", "bfloat16", 989e12),
+    ("NVIDIA A10G", "bfloat16", 0.0), ("NVIDIA RTX A1000", "bfloat16", 0.0), ("Some Future GPU", "bfloat16", 0.0)])
 def test_gpu_peak_flops_by_name_longest_match_first(monkeypatch, name, dtype, peak):
-    # "L40" must not read as "L4", nor "H100 PCIe" as the SXM part; a MIG slice or an unknown GPU has no peak (no MFU)
+    # "L40" must not read as "L4", "A1000" as "A10", nor "H100 PCIe" as the SXM part; a MIG slice or a GPU not in the
+    # table has no peak (no MFU)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert train.peak_flops_of(torch.device("cuda"), dtype) == peak
 

@@ -689,14 +689,14 @@ def test_cuda_rng_state_is_the_training_gpus_alone(monkeypatch):
     restored = []
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
     cpu_state = train.rng_state(torch.device("cpu"))
-    assert cpu_state["cuda"] is None
+    assert cpu_state["cuda"] == []
     train.set_rng_state(cpu_state, torch.device("cpu"))
     assert restored == []
     states = [torch.full((4,), i, dtype=torch.uint8) for i in range(8)]  # as an 8-GPU run saved them
     for device, kept in [(torch.device("cuda"), 0), (torch.device("cuda", 3), 3), (torch.device("cuda", 9), 0)]:
         train.set_rng_state({**cpu_state, "cuda": states}, device)
         assert restored.pop() == (states[kept], device)
-    train.set_rng_state({**cpu_state, "cuda": states[5]}, torch.device("cuda", 1))  # today's: one state
+    train.set_rng_state({**cpu_state, "cuda": [states[5]]}, torch.device("cuda", 1))  # today's: the GPU's own
     assert restored.pop() == (states[5], torch.device("cuda", 1))
 
 
@@ -706,15 +706,17 @@ def test_one_run_at_a_time_in_an_out_dir_and_never_in_a_data_folder(data_dir, tm
     os.makedirs(tmp_path / "out")
     lock = cli.lock_folder(str(tmp_path / "out"), "held")  # as another train.py holds it
     try:
-        with pytest.raises(UserError, match=r"^another train.py is writing --out_dir=.*/out: wait for it to finish, "
+        with pytest.raises(UserError, match=r"^another run is writing --out_dir=.*/out: wait for it to finish, "
                                             "or give this one another --out_dir$"):
             run_train(data_dir, tmp_path / "out", "--max_iters=1")
     finally:
         os.close(lock)
     run_train(data_dir, tmp_path / "out", "--max_iters=1", "--eval_interval=1")  # once it is free
     run_train(data_dir, tmp_path / "out", "--max_iters=2", "--eval_interval=1", "--init_from=resume")  # main let go
+    os.makedirs(tmp_path / "other-data")
+    make_dataset(str(tmp_path / "other-data"))  # another data folder: its tokenizer.json would be replaced
     with pytest.raises(UserError, match=r"^--out_dir=\S+ holds prepared data \(meta.json\): give the run a folder"):
-        run_train(data_dir, data_dir, "--max_iters=1")  # its tokenizer.json would be replaced
+        run_train(data_dir, tmp_path / "other-data", "--max_iters=1")
 
 
 def test_a_new_run_leaves_no_earlier_runs_tokenizer(data_dir, tmp_path):
@@ -731,8 +733,8 @@ def test_a_closed_stdout_stops_the_run_and_saves_it(data_dir, tmp_path):
         [sys.executable, "train.py", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}", *TINY,
          "--max_iters=100000", "--eval_interval=100000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    while not process.stdout.readline().startswith("iter 3/"):
-        pass
+    while not (line := process.stdout.readline()).startswith("iter 3/"):
+        assert line, process.stderr.read()  # (train.py ended before its third step)
     process.stdout.close()
     err = process.stderr.read()
     assert process.wait(timeout=120) == 130, err
