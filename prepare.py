@@ -65,7 +65,7 @@ class Tokenizer:
             try:
                 self._hf = HFTokenizer.from_file(tokenizer_file)
             except Exception as e:  # not JSON, or not a tokenizers file: tokenizers raises a bare Exception
-                raise UserError(f"{tokenizer_file} is not a readable tokenizer.json ({str(e).splitlines()[0][:100]})"
+                raise UserError(f"{tokenizer_file} is not a readable tokenizer.json ({first_line(e)[:100]})"
                                 "; put back the tokenizer.json prepare.py wrote") from None
             self._hf.encode_special_tokens = True  # literal '<|endoftext|>' text stays text (not saved in the file)
             self.eot_token = self._hf.token_to_id(EOT_TEXT)
@@ -533,14 +533,14 @@ def load_sources(cfg, train_files, val_files, sha256, local_dataset):
     except ConnectionError as e:  # offline (HF_HUB_OFFLINE=1, or after datasets' retries), or the hub is down
         raise UserError(
             f"cannot reach the Hugging Face hub to load {cfg.dataset} "
-            f"({f'{offline} does not resolve' if offline else str(e).splitlines()[0]}). Offline, give local "
+            f"({f'{offline} does not resolve' if offline else first_line(e)}). Offline, give local "
             "files: --train_files=TinyStories-train.txt --val_files=TinyStories-valid.txt; tiktoken's gpt2 also needs "
             "its files cached (set TIKTOKEN_CACHE_DIR) or use --tokenizer=bpe:N") from None
     except datasets.data_files.EmptyDatasetError as e:  # (a FileNotFoundError: before the clause below)
-        raise UserError(f"{str(e).splitlines()[0]}: give --dataset a folder of .parquet, .json(l) or .txt files, or "
+        raise UserError(f"{first_line(e)}: give --dataset a folder of .parquet, .json(l) or .txt files, or "
                         "use --train_files") from None
     except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as e:  # (a local path: FileNotFoundError)
-        raise UserError(f"{str(e).splitlines()[0]}; check --dataset, or give local files with --train_files") from None
+        raise UserError(f"{first_line(e)}; check --dataset, or give local files with --train_files") from None
     if val is None:
         source["val"] = f"{cfg.val_fraction} of the training stories held out (seed {cfg.seed})"
     return train, val, source

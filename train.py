@@ -492,7 +492,7 @@ def load_meta(data_dir):
             text = f.read()
         meta = json.loads(text)
     except (OSError, ValueError) as e:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
-        reason = "empty" if not os.path.getsize(path) else str(e).splitlines()[0][:80]
+        reason = "empty" if not os.path.getsize(path) else first_line(e)[:80]
         raise UserError(f"{path} is damaged or unreadable ({reason}): {rebuild}") from None
     try:
         itemsize = {"uint16": 2, "uint32": 4}[meta["dtype"]]
@@ -810,7 +810,7 @@ def save_checkpoint(path, checkpoint):
         if os.path.lexists(tmp):
             os.remove(tmp)
         if isinstance(e, RuntimeError):  # how torch.save reports a failed write ("unexpected pos ...")
-            raise UserError(f"saving {path} failed ({str(e).strip().splitlines()[0][:100]}): check the free space; "
+            raise UserError(f"saving {path} failed ({first_line(e)[:100]}): check the free space; "
                             f"the last {os.path.basename(path)} is kept, continue it with --init_from=resume") from None
         raise
 
@@ -873,8 +873,9 @@ def set_rng_state(state, device):
     np.random.set_state(("MT19937", key.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     cuda = state["cuda"]  # older checkpoints held every GPU's state (and failed to resume with fewer GPUs), now one
+    index = device.index or 0
     if cuda and device.type == "cuda":
-        torch.cuda.set_rng_state(cuda[device.index or 0] if (device.index or 0) < len(cuda) else cuda[0], device)
+        torch.cuda.set_rng_state(cuda[index] if index < len(cuda) else cuda[0], device)
 
 
 # -----------------------------------------------------------------------------
@@ -1351,6 +1352,7 @@ def main(argv, on_exit):
     # between: so under DDP every process computes the same learning rate and stops after the same step, and the step
     # whose learning rate has reached min_lr is the last one.
     budget_s = 60 * config.max_minutes
+    places = max(1, len(f"{config.max_minutes:g}".partition(".")[2]))  # progress in the budget's places: 0.15/0.15
     clock_iter, clock_s_per_iter = iter_num, 0.0  # the last reading (train_s is its time)
 
     def fraction_done(steps):  # of the schedule
@@ -1467,7 +1469,6 @@ def main(argv, on_exit):
                 mfu = raw_model.estimate_mfu(tokens_per_s / world_size, peak_flops)
                 t_last = time.time()  # (the probe is not training time)
             if budget_s:
-                places = max(1, len(f"{config.max_minutes:g}".partition(".")[2]))  # 0.15 min: not 0.2/0.15
                 eta, so_far = max(0.0, budget_s - train_s), f" ({train_s / 60:.{places}f}/{config.max_minutes:g} min)"
             else:
                 eta, so_far = (config.max_iters - iter_num) * dt, f"/{config.max_iters}"
