@@ -17,6 +17,7 @@ traceback; so does Ctrl-C (exit code 130), and a reader that goes away (`| head`
 import ast
 import dataclasses
 import difflib
+import functools
 import inspect
 import itertools
 import json
@@ -228,6 +229,29 @@ def _read_config_file(path, fields):
     return values
 
 
+SCRIPT_OF = {"TrainConfig": "train.py", "PrepareConfig": "prepare.py", "SampleConfig": "sample.py",
+             "ExportConfig": "export.py"}  # each script's config class, which lies beside this file
+
+
+def _scripts_with_setting(key, config_cls):
+    """The other slm scripts that take setting key, read from their source (importing train.py would import torch)."""
+    if config_cls.__name__ not in SCRIPT_OF:  # (a script of a fork's)
+        return []
+    return [script for class_name, script in SCRIPT_OF.items()
+            if class_name != config_cls.__name__ and key in _settings_of(script, class_name)]
+
+
+@functools.lru_cache(maxsize=None)
+def _settings_of(script, class_name):
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), script), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError):  # (a fork without that script)
+        return frozenset()
+    return frozenset(node.target.id for cls in tree.body if isinstance(cls, ast.ClassDef) and cls.name == class_name
+                     for node in cls.body if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name))
+
+
 def parse_config(config_cls, argv=None, description="", nanogpt_flags=None):
     """
     Build a config_cls from config files and --key=value (or --key value) flags, nanoGPT style:
@@ -249,9 +273,24 @@ def parse_config(config_cls, argv=None, description="", nanogpt_flags=None):
 
     def check_known(key, where):
         if key not in kinds:
+            owners = _scripts_with_setting(key, config_cls)
             close = difflib.get_close_matches(key, kinds, n=1)
-            hint = f" (did you mean --{close[0]}?)" if close else " (see --help)"
+            hint = (f" ({key!r} is a setting of {owners[0]}; see --help)" if owners else
+                    f" (did you mean --{close[0]}?)" if close else " (see --help)")
             raise UserError(f"unknown setting {key!r} in {where}{hint}")
+
+    def check_file(path, file_values):
+        """`python sample.py configs/tinystories_cpu.py`: a config file for another script says so."""
+        unknown = [key for key in file_values if key not in kinds]
+        owners = {script for key in unknown for script in _scripts_with_setting(key, config_cls)}
+        if owners:  # the script that takes the most of the file's settings (train.py first, on a tie)
+            owner = max(SCRIPT_OF.values(), key=lambda script: (script in owners, sum(
+                script in _scripts_with_setting(key, config_cls) for key in file_values)))
+            key = next(key for key in unknown if owner in _scripts_with_setting(key, config_cls))
+            run = file_values.get("out_dir") if "out_dir" in kinds and owner == "train.py" else None
+            raise UserError(f"{path} is a config file for {owner} ({key!r} is its setting), not for "
+                            f"{SCRIPT_OF[config_cls.__name__]}" + (f"; to use its run, give --out_dir={run}"
+                                                                   if isinstance(run, str) else " (see --help)"))
 
     def set_value(key, value, where):
         check_known(key, where)
@@ -270,7 +309,9 @@ def parse_config(config_cls, argv=None, description="", nanogpt_flags=None):
     while args:
         arg = args.pop(0)
         if not arg.startswith("--"):
-            for key, value in _read_config_file(arg, kinds).items():
+            file_values = _read_config_file(arg, kinds)
+            check_file(arg, file_values)
+            for key, value in file_values.items():
                 set_value(key, value, arg)
         elif "=" in arg:
             key, value = arg[2:].split("=", 1)

@@ -65,6 +65,25 @@ def test_a_bare_flag_for_a_setting_that_is_not_bool_still_needs_its_value(capsys
     assert "--max_iters needs a value" in one_line_error(capsys, train.main, "--max_iters", "--eval_only")
 
 
+def test_another_scripts_config_file_or_setting_is_named_as_such(tmp_path, capsys):
+    recipe = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "tinystories_cpu.py")
+    for main, script in ((sample.main, "sample.py"), (export.main, "export.py")):
+        assert one_line_error(capsys, main, recipe).endswith(
+            f": error: {recipe} is a config file for train.py ('data_dir' is its setting), not for {script}; "
+            "to use its run, give --out_dir=out-cpu\n")
+    assert f"{recipe} is a config file for train.py ('out_dir' is its setting), not for prepare.py (see --help)" in \
+        one_line_error(capsys, prepare.main, recipe)
+    nanogpt = tmp_path / "train_shakespeare_char.py"  # a nanoGPT name first, not one of train.py's fields
+    nanogpt.write_text("out_dir = 'out-shakespeare-char'\ndataset = 'shakespeare_char'\neval_interval = 250\n")
+    assert f"is a config file for train.py ('eval_interval' is its setting), not for sample.py; to use its run, give " \
+        "--out_dir=out-shakespeare-char" in one_line_error(capsys, sample.main, str(nanogpt))
+    assert "unknown setting 'temperature' in the command line ('temperature' is a setting of sample.py; see --help)" \
+        in one_line_error(capsys, train.main, "--temperature=0.8")
+    typo = tmp_path / "typo.py"  # a key no script takes is still a typo
+    typo.write_text("out_dir = 'x'\ntemprature = 0.8\n")
+    assert "unknown setting 'temprature' in" in one_line_error(capsys, sample.main, str(typo))
+
+
 def test_bare_compile_means_true_in_train_where_it_also_takes_auto(tmp_path):
     def parse(*flags):
         return parse_config(train.TrainConfig, list(flags), "", train.NANOGPT_FLAGS).compile
