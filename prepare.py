@@ -274,17 +274,21 @@ def main(argv=None):
                         "which it would replace or remove: give the data a folder of its own")
     out = {name: os.path.join(cfg.data_dir, name) for name in ("train.bin", "val.bin", "tokenizer.json", "meta.json")}
     tmp = {name: path + ".tmp" for name, path in out.items()}
+    created = new_folders(cfg.data_dir)  # (removed again unless the data is written into them)
     try:  # find out now, not after an hour of work
         os.makedirs(cfg.data_dir, exist_ok=True)
         probe = os.path.join(cfg.data_dir, f".write-test-{os.getpid()}")  # (not a name another run may be using)
         open(probe, "wb").close()
         remove(probe)
+        remove_empty(created)  # made again once the stories load: an offline hub leaves no empty folder
     except OSError as e:
+        remove_empty(created)
         raise UserError(f"cannot write to --data_dir={cfg.data_dir} ({e.strerror}); choose a folder you can write to"
                         ) from None
     tokenizer = Tokenizer("gpt2") if cfg.tokenizer == "gpt2" else None  # fails fast when tiktoken is offline
     sha256 = {f["path"]: f["sha256"] for f in settings["train_files"] + settings["val_files"]}
     train, val, source = load_sources(cfg, train_files, val_files, sha256, local_dataset)
+    os.makedirs(cfg.data_dir, exist_ok=True)
     # one prepare.py at a time per data_dir, from here until the files are in place (or removed): two would swap their
     # files in over each other's and could leave one run's meta.json beside the other's .bin files
     lock = lock_folder(cfg.data_dir, f"another run is writing --data_dir={cfg.data_dir}: wait for it to finish (a "
@@ -331,11 +335,29 @@ def main(argv=None):
             remove(path)
         if lock is not None:
             os.close(lock)
+        remove_empty(created)  # a failed or interrupted first run leaves no empty folder
     for split in ("train", "val"):
         c = meta[split]
         print(f"{split}: {c['stories']:,} stories, {c['tokens']:,} tokens ({c['bytes'] / c['tokens']:.2f} bytes/token)"
               f" -> {out[split + '.bin']}")
     return meta
+
+
+def new_folders(folder):
+    """The folders that os.makedirs(folder) would create, innermost first."""
+    missing = []
+    while folder and not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder.rstrip(os.sep))
+    return missing
+
+
+def remove_empty(folders):
+    for folder in folders:
+        try:
+            os.rmdir(folder)  # (only an empty one)
+        except OSError:
+            return
 
 
 def check_tokenizer(cfg):

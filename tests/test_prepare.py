@@ -406,7 +406,7 @@ def test_errors_for_bad_files_columns_and_splits(tmp_path):
     message = error_of(tmp_path, f"--dataset={tmp_path / 'no-such-folder'}")
     assert message.endswith("no such folder (a Hugging Face dataset is named owner/name, like roneneldan/TinyStories); "
                             "or give local files with --train_files")
-    assert not (tmp_path / "out" / "meta.json").exists() and not os.listdir(tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nor an empty folder for the output
 
 
 def test_inputs_named_twice_are_read_once_and_a_copy_of_val_in_train_is_refused(tmp_path):
@@ -637,10 +637,15 @@ def test_errors_for_settings_output_and_hub(tmp_path):
         (tmp_path / "read-only").mkdir(mode=0o555)
         assert "(Permission denied)" in error_of(tmp_path, f"--data_dir={tmp_path / 'read-only'}")
     # conftest sets HF_HUB_OFFLINE=1: datasets raises ConnectionError at once, as it does (after retries) offline
-    message = error_of(tmp_path, "--dataset=roneneldan/TinyStories")
+    message = error_of(tmp_path, "--dataset=roneneldan/TinyStories", out="data/tinystories")
     assert message.startswith("cannot reach the Hugging Face hub to load roneneldan/TinyStories")
     assert "--train_files=TinyStories-train.txt --val_files=TinyStories-valid.txt" in message
     assert "TIKTOKEN_CACHE_DIR" in message
+    assert not (tmp_path / "data").exists()  # the folders it made for the output are gone with the run
+    (tmp_path / "one.txt").write_text("A story.\n")
+    assert error_of(tmp_path, f"--train_files={tmp_path / 'one.txt'}", "--val_fraction=0", "--tokenizer=bpe:300",
+                    out="data/empty").startswith("the val split is empty")
+    assert not (tmp_path / "data").exists()
 
 
 def test_offline_without_hf_hub_offline_fails_at_once(tmp_path, monkeypatch):
