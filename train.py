@@ -1165,6 +1165,9 @@ def main(argv, on_exit):
         print_config(config)
     if device.type == "cpu" and config.n_embd >= 512 and config.max_iters >= 1000:
         say("note: these are the GPU defaults; on a CPU try `python train.py configs/tinystories_cpu.py`")
+    if config.decay_lr and not config.max_minutes and 0 < config.max_iters <= config.warmup_iters:
+        say(f"note: --warmup_iters={config.warmup_iters} is not below --max_iters={config.max_iters}, so the whole run "
+            "is warmup and the learning rate never reaches its peak; lower --warmup_iters")
 
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmuls left outside autocast

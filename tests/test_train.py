@@ -347,6 +347,7 @@ def test_training_learns_and_writes_log_plot_checkpoint(data_dir, tmp_path, caps
     printed = capsys.readouterr().out
     assert "config: out_dir=" in printed
     assert "iter 40/40 | loss" in printed and "tok/s | mfu" in printed and "| eta 0m00s" in printed
+    assert "note:" not in printed
     checkpoint = torch.load(out / "ckpt.pt", weights_only=True)  # plain tensors and containers only
     assert checkpoint["iter_num"] == 40 and checkpoint["meta"]["vocab_size"] == 64
     assert {"model", "optimizer", "scaler", "config", "model_args", "rng", "best_val_loss"} <= set(checkpoint)
@@ -360,6 +361,7 @@ def test_no_mfu_is_printed_without_a_peak(data_dir, tmp_path, monkeypatch, capsy
     printed = capsys.readouterr().out
     line = r"^iter 2/2 \| loss [\d.]+ \| lr [\d.e+-]+ \| [\d.]+ ms/iter \| [\d,]+ tok/s \| eta 0m00s$"
     assert re.search(line, printed, re.M)
+    assert "note: --warmup_iters=2 is not below --max_iters=2, so the whole run is warmup" in printed
 
 
 @pytest.mark.parametrize("later", ["faster", "slower still"])
