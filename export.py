@@ -165,7 +165,12 @@ def hf_model(checkpoint):
     for name, param in model.state_dict().items():  # GPT-2 always has biases: zeros are exactly bias=False
         if name.endswith(".bias") and name not in state_dict:
             state_dict[name] = torch.zeros(param.shape)
-    model.load_state_dict(state_dict, strict=True, assign=True)
+    try:
+        model.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as e:  # a fork that changed train.py's model, say
+        found = " ".join(str(e).split())[:300]
+        raise UserError(f"the checkpoint's weights do not fit GPT-2's layout ({found}): export.py maps train.py's GPT-2 "
+                        "model; a model changed in train.py needs the same change here") from None
     model.tie_weights()
     model.eval()
     # Stop at the end-of-text token, which ends every training story. GPT-2 has no padding token: batches pad with

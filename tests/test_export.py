@@ -249,6 +249,21 @@ def test_unwritable_hf_dir_is_a_one_line_error(tmp_path, capsys):
     assert "error: cannot write to --hf_dir=" in err and err.count("\n") == 1
 
 
+def test_a_model_changed_in_a_fork_is_a_one_line_error(tmp_path, capsys):
+    out_dir = str(tmp_path / "out")
+    make_checkpoint(out_dir)
+    checkpoint = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
+    fc = checkpoint["model"]["transformer.h.0.mlp.c_fc.weight"]
+    checkpoint["model"]["transformer.h.0.mlp.c_fc.weight"] = fc[: fc.shape[0] // 2]  # an MLP of 2 x n_embd
+    torch.save(checkpoint, os.path.join(out_dir, "ckpt.pt"))
+    with pytest.raises(SystemExit) as e:
+        run_main(export.main, [f"--out_dir={out_dir}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert ": error: the checkpoint's weights do not fit GPT-2's layout (" in err
+    assert "c_fc.weight" in err and not os.path.exists(os.path.join(out_dir, "hf"))
+
+
 @pytest.mark.parametrize("where", ["out_dir", "folder", "another model", "file", "data folder"])
 def test_what_is_not_an_earlier_export_is_never_replaced(tmp_path, where):
     out_dir = str(tmp_path / "out")
