@@ -64,7 +64,8 @@ def run_main(main, argv=None):
         print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
-        print(f"{name}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process stops after the same step: rank 0 says
+            print(f"{name}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)  # what it saved
         sys.exit(130)
     except BrokenPipeError:  # the reader has gone: nothing more can be shown
         stdout_to_devnull()

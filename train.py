@@ -50,7 +50,7 @@ class TrainConfig:
     out_dir: str = "out"  # checkpoints (ckpt.pt), log.jsonl and loss.png go here
     data_dir: str = "data/tinystories"  # train.bin, val.bin and meta.json written by prepare.py
     init_from: str = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
-    overwrite: bool = False  # start over in an out_dir that holds a checkpoint: its ckpt.pt and log.jsonl are replaced
+    overwrite: bool = False  # start over in an out_dir that holds a checkpoint: ckpt.pt, log.jsonl etc. are replaced
     eval_interval: int = 500  # evaluate, log and checkpoint every this many iterations
     log_interval: int = 10  # print a progress line every this many iterations
     eval_tokens: int = 1048576  # tokens per split in each evaluation: evenly spaced windows, the same in every run
@@ -93,7 +93,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
     dtype: str = "auto"  # auto (GPU: bfloat16, else float16; CPU: bfloat16 if timed passes run faster), or one of those
     compile: bool | str = "auto"  # torch.compile the model: auto (on for CUDA), True or False
-    seed: int = 1337  # seeds init, batch order and dropout; each DDP rank adds its rank
+    seed: int = 1337  # seeds init, batch order and dropout (under DDP each rank takes its part of every batch)
     peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 looks it up (GPU; unknown: no MFU) or times a matmul (CPU)
 
 
@@ -309,8 +309,8 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
     """
     cross_entropy(x @ weight.T, targets), a block of rows at a time, with the gradients computed during the forward.
     With a 50K vocabulary the full logits of one batch and their gradient take hundreds of MB; allocating and freeing
-    them every step costs more than the arithmetic on a CPU. Here only one block of logits ever exists. Used in eager
-    fp32 mode; torch.compile fuses the plain cross-entropy itself.
+    them every step costs more than the arithmetic on a CPU. Here only one block of logits ever exists. Used on a CPU in
+    eager float32; torch.compile fuses the plain cross-entropy itself.
     Passes over the logits cost about as much as the head's matmuls on a CPU, so there is one softmax (one exp) per
     block: the loss is -log of the target's probability, and the 1/n of the mean rides in the matmuls. (A token the
     model gives less than the dtype's smallest normal, 1e-38 in float32, counts as 87.3 nats; its gradient is exact.)
@@ -358,7 +358,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, padded_vocab, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied: https://paperswithcode.com/method/weight-tying
-        self.chunked_loss = False  # train.py turns this on in eager fp32 mode
+        self.chunked_loss = False  # train.py turns this on for a CPU in eager float32
         # blocks of 2M logits (8 MB) and at least 128 rows, so a block stays in cache and its matmuls stay efficient:
         # 512 rows at a 4,096 vocabulary, 128 at GPT-2's (a training step 12% faster than with 256 rows; 64 were slower)
         self.chunked_loss_rows = max(128, 2 ** 21 // padded_vocab)
@@ -1065,6 +1065,8 @@ def check_out_dir(config, ckpt_path):
             and os.path.realpath(config.out_dir) != os.path.realpath(config.data_dir)):  # its tokenizer.json would go
         raise UserError(f"--out_dir={config.out_dir} holds prepared data (meta.json): give the run a folder of its "
                         "own, for example --out_dir=out")
+    if config.init_from == "resume" and not os.path.exists(ckpt_path):  # (before a mistyped out_dir is made)
+        load_checkpoint(ckpt_path)  # raises "no checkpoint at ...", with what to do
     if config.init_from == "scratch" and os.path.exists(ckpt_path) and not config.overwrite:
         raise UserError(f"{ckpt_path} holds a trained checkpoint that a new run would replace: continue it with "
                         "--init_from=resume, choose another --out_dir, or start over with --overwrite=True (replaces "
@@ -1387,10 +1389,9 @@ def main(argv, on_exit):
             f.writelines(kept)
         os.replace(log_path + ".tmp", log_path)
     while True:
-        fraction = fraction_done(iter_num + 1)  # when the coming step ends
-        scale = lr_scale(iter_num, fraction, config)
+        scale = lr_scale(iter_num, fraction_done(iter_num + 1), config)  # (the share done when this step ends)
         set_lr(optimizers, config, scale)
-        lr = config.learning_rate * scale
+        lr = config.learning_rate * scale  # AdamW's, shown on this step's progress line
 
         evaluating = iter_num % config.eval_interval == 0 or done or config.eval_only
         if evaluating:
@@ -1407,8 +1408,10 @@ def main(argv, on_exit):
                 break
             if not all(math.isfinite(v) for v in losses.values()):
                 raise loss_not_finite(losses["val"], iter_num, ckpt_path)
+            # the learning rate of the step that led here, as its progress line shows it (at iter 0: the first's)
+            last_lr = get_lr(max(iter_num - 1, 0), config, fraction_done(max(iter_num, 1)))
             row = {"iter": iter_num, "tokens": tokens_seen(iter_num), "train_loss": losses["train"],
-                   "val_loss": losses["val"], "val_bpb": val_bpb, "lr": lr,
+                   "val_loss": losses["val"], "val_bpb": val_bpb, "lr": last_lr,
                    "elapsed_s": round(elapsed_before + time.time() - t_start, 3), "train_s": round(training_s, 3)}
             with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")

@@ -328,7 +328,8 @@ def test_missing_dataset_and_checkpoint(tmp_path):
     (tmp_path / "data").mkdir()
     make_dataset(str(tmp_path / "data"))
     with pytest.raises(UserError, match="no checkpoint at .*ckpt.pt"):
-        run_train(str(tmp_path / "data"), tmp_path / "out", "--init_from=resume")
+        run_train(str(tmp_path / "data"), tmp_path / "typo" / "out", "--init_from=resume")
+    assert not (tmp_path / "typo").exists()  # a mistyped --out_dir is not made
 
 
 # --- the loop ---------------------------------------------------------------
@@ -348,6 +349,9 @@ def test_training_learns_and_writes_log_plot_checkpoint(data_dir, tmp_path, caps
     assert "config: out_dir=" in printed
     assert "iter 40/40 | loss" in printed and "tok/s | mfu" in printed and "| eta 0m00s" in printed
     assert "note:" not in printed
+    shown = dict(re.findall(r"^iter (\d+)/40 \| loss [\d.]+ \| lr ([\d.e+-]+) \|", printed, re.M))
+    assert [f"{r['lr']:.2e}" for r in rows[1:]] == [shown["20"], shown["40"]]  # the same rate as the progress line
+    assert rows[0]["lr"] == pytest.approx(3e-3 / 3)  # at iter 0 the first step's: warmup's first of 2 steps
     checkpoint = torch.load(out / "ckpt.pt", weights_only=True)  # plain tensors and containers only
     assert checkpoint["iter_num"] == 40 and checkpoint["meta"]["vocab_size"] == 64
     assert {"model", "optimizer", "scaler", "config", "model_args", "rng", "best_val_loss"} <= set(checkpoint)
@@ -793,6 +797,7 @@ def test_ctrl_c_under_ddp_stops_after_the_next_step(data_dir, tmp_path):
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert "interrupted: saved" in err, err[-3000:]
+    assert err.count("train.py: interrupted") == 1, err[-3000:]  # rank 0's line, which says what it saved
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] > 0
 
 
