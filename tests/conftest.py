@@ -36,20 +36,22 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def make_dataset(path, vocab_size=64, train_tokens=20_000, val_tokens=4_000, seed=0):
-    """A learnable token stream: 'stories' that count upwards from a random start, each ended by the last id."""
+def make_dataset(path, vocab_size=64, train_tokens=20_000, val_tokens=4_000, seed=0, dtype="uint16"):
+    """A learnable token stream: 'stories' that count upwards from a random start, each ended by the last id. Its
+    text is 4 bytes a token in train, 3 in val (so that bits/byte can only come from val's)."""
     rng = np.random.default_rng(seed)
     eot = vocab_size - 1
     meta = {"tokenizer": f"bpe:{vocab_size}", "tokenizer_file": None, "vocab_size": vocab_size, "eot_token": eot,
-            "dtype": "uint16"}
+            "dtype": dtype}
     for split, n in (("train", train_tokens), ("val", val_tokens)):
         ids, stories = [], 0
         while len(ids) < n:
             start, length = rng.integers(0, eot), rng.integers(4, 24)
             ids += [(start + i) % eot for i in range(length)] + [eot]
             stories += 1
-        np.array(ids, dtype=np.uint16).tofile(os.path.join(path, f"{split}.bin"))
-        meta[split] = {"file": f"{split}.bin", "tokens": len(ids), "stories": stories, "bytes": 3 * len(ids)}
+        np.array(ids, dtype=dtype).tofile(os.path.join(path, f"{split}.bin"))
+        meta[split] = {"file": f"{split}.bin", "tokens": len(ids), "stories": stories,
+                       "bytes": (4 if split == "train" else 3) * len(ids)}
     with open(os.path.join(path, "meta.json"), "w") as f:
         json.dump(meta, f)
     return meta

@@ -111,7 +111,10 @@ def test_always_save_checkpoint_false_keeps_the_best_val_loss(data_dir, tmp_path
     assert (out / "ckpt.pt").read_bytes() == best
     # the same steps with the default, True, save at every evaluation
     run_train(data_dir, out, *too_high, "--eval_interval=2", "--optimizer=adamw", FAST)
-    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 8
+    checkpoint = torch.load(out / "ckpt.pt", weights_only=True)
+    assert checkpoint["iter_num"] == 8
+    # it still records the best val loss, not the last: a later resume with False must not save over a better one
+    assert checkpoint["best_val_loss"] == min(r["val_loss"] for r in log_rows(out)) == val[2]
 
 
 def optimizer_steps(data_dir, out, *flags):
@@ -121,6 +124,8 @@ def optimizer_steps(data_dir, out, *flags):
     def record(optimizer, args, kwargs):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+        if getattr(optimizer, "grad_scale", None) is not None:  # float16: GradScaler lets fused AdamW unscale inside
+            norm /= optimizer.grad_scale.item()
         seen.append((norm, [group["lr"] for group in optimizer.param_groups]))
 
     hook = register_optimizer_step_pre_hook(record)  # every optimizer, before each step
@@ -139,6 +144,9 @@ def test_grad_clip_caps_the_gradient_norm_and_zero_turns_it_off(data_dir, tmp_pa
     limit = min(off) / 2
     clipped = [norm for norm, _ in optimizer_steps(data_dir, tmp_path / "clipped", *steps, f"--grad_clip={limit}")]
     assert clipped == pytest.approx([limit] * 3, rel=1e-4)
+    # float16's loss scaling: the gradients are unscaled before they are clipped, not clipped at 65,536 times their size
+    scaled = optimizer_steps(data_dir, tmp_path / "fp16", *steps, f"--grad_clip={limit}", "--dtype=float16")
+    assert [norm for norm, _ in scaled] == pytest.approx([limit] * len(scaled), rel=1e-4) and scaled
 
 
 def test_decay_lr_false_keeps_the_learning_rate_constant(data_dir, tmp_path, capsys):

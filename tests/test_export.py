@@ -199,6 +199,8 @@ def test_export_of_a_trained_run_loads_in_a_pipeline(tmp_path):
 
     assert f"over {512:,} of the split's {meta['val']['tokens']:,} tokens (16 evenly spaced windows)" in card
 
+    from transformers import AutoTokenizer
+    assert AutoTokenizer.from_pretrained(hf_dir).padding_side == "left"  # a batch of prompts continues from each end
     generate = pipeline("text-generation", model=hf_dir)
     text = generate("Once upon a time", max_new_tokens=8, do_sample=False)[0]["generated_text"]
     ckpt = train.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))

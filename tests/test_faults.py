@@ -338,6 +338,7 @@ def test_eval_only_writes_nothing_at_all(trained, capsys):
     ("a list", "meta.json is not a complete meta.json of prepare.py"),
     ("no dtype", "meta.json is not a complete meta.json of prepare.py"),
     ("short train.bin", "train.bin holds "),
+    ("long train.bin", "train.bin holds "),  # (a longer one would fail later, at a batch, with a wrong message)
     ("empty val.bin", "val.bin holds 0 bytes but meta.json says "),
     ("no val.bin", "val.bin is missing"),
     ("other tokenizer.json", "tokenizer.json is not the tokenizer that made this data (its sha256 differs"),
@@ -361,6 +362,9 @@ def test_a_damaged_data_folder_is_one_line_at_start_up(tmp_path, capsys, damage,
     elif damage == "short train.bin":
         with open(data / "train.bin", "r+b") as f:
             f.truncate(f.seek(0, 2) - 2)
+    elif damage == "long train.bin":
+        with open(data / "train.bin", "ab") as f:
+            f.write(b"\0\0")
     elif damage == "empty val.bin":
         (data / "val.bin").write_bytes(b"")
     elif damage == "no val.bin":
@@ -374,7 +378,7 @@ def test_a_damaged_data_folder_is_one_line_at_start_up(tmp_path, capsys, damage,
     before = snapshot(data)
     err = one_line_error(capsys, train_main, f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", *TINY)
     assert message in err and f"re-run prepare.py to rebuild {data}" in err
-    if damage == "short train.bin":
+    if damage in ("short train.bin", "long train.bin"):
         assert f"but meta.json says {meta['train']['tokens']:,} uint16 tokens" in err and "half-copied" in err
     assert not (tmp_path / "out").exists()  # found before anything was written
     assert snapshot(data) == before

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import train
+from cli import UserError
 from test_train import ROOT, TINY, run_train, straight_and_resumed, tiny_model
 from train import TrainConfig, lr_scale
 
@@ -121,6 +122,10 @@ def test_newton_schulz_runs_in_float32_on_a_cpu_without_bfloat16_autocast():
 def test_newton_schulz_on_a_gpu_runs_in_bfloat16_where_it_has_it(monkeypatch, has_bf16, ns_dtype):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: has_bf16)
     assert train.muon_ns_dtype(torch.device("cuda"), "float32") == ns_dtype  # V100/T4: float16's tensor cores
+    assert train.pick_dtype("auto", torch.device("cuda")) == ("bfloat16" if has_bf16 else "float16")  # training too
+    if not has_bf16:
+        with pytest.raises(UserError, match="this GPU has no bfloat16: use --dtype=float16"):
+            train.pick_dtype("bfloat16", torch.device("cuda"))
 
 
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])
@@ -457,6 +462,9 @@ def test_bfloat16_probe_times_matmuls_then_the_models_training_passes(monkeypatc
     passes.clear()  # a resume keeps its run's dtype without timing anything
     assert train.cpu_bfloat16_is_faster(model, 4, resumed_dtype="bfloat16")[0]
     assert not train.cpu_bfloat16_is_faster(model, 4, resumed_dtype="float32")[0] and not passes
+    fast_bfloat16_matmuls[torch.bfloat16] = 120e9  # 1.2x float32's: under the 1.25x the passes would need, none timed
+    assert train.cpu_bfloat16_is_faster(model, 4) == (False, "bfloat16 matmuls ran at 120.0 GFLOP/s against 100.0 in "
+                                                              "float32") and not passes
     fast_bfloat16_matmuls[torch.bfloat16] = 1e9  # emulated bf16, as on CPUs without bf16 arithmetic: no pass to time
     faster, measured = train.cpu_bfloat16_is_faster(model, 4, resumed_dtype="bfloat16")
     assert not faster and measured == "bfloat16 matmuls ran at 1.0 GFLOP/s against 100.0 in float32" and not passes

@@ -337,6 +337,17 @@ def test_loads_a_checkpoint_whose_keys_carry_compile_and_ddp_prefixes(ckpt_dir, 
     assert generate_text(model, tokenizer, "Tom", **kwargs) == generate_text(*loaded, "Tom", **kwargs)
 
 
+def test_a_checkpoint_trained_with_dropout_samples_without_it(ckpt_dir, loaded, tmp_path):
+    checkpoint = torch.load(os.path.join(ckpt_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
+    checkpoint["model_args"]["dropout"] = 0.5
+    torch.save(checkpoint, tmp_path / "ckpt.pt")
+    shutil.copy(os.path.join(ckpt_dir, "tokenizer.json"), tmp_path)
+    model, tokenizer = load_model(str(tmp_path), device="cpu")
+    assert not model.training
+    kwargs = dict(max_new_tokens=30, temperature=0, stop_at_eot=False)
+    assert generate_text(model, tokenizer, "Tom", **kwargs) == generate_text(*loaded, "Tom", **kwargs)
+
+
 def test_bfloat16_weights_on_cpu(ckpt_dir):
     model, tokenizer = load_model(ckpt_dir, device="cpu", dtype="bfloat16")
     assert model.lm_head.weight.dtype == torch.bfloat16

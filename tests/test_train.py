@@ -44,6 +44,16 @@ def tiny_model(**overrides):
 # --- model ------------------------------------------------------------------
 
 
+def test_init_is_gpt2s():
+    model = tiny_model(n_layer=8, n_embd=128, n_head=4)
+    for name, p in model.named_parameters():
+        if p.dim() == 2 and "wpe" not in name:  # (the positions are 0.02 too, with 16 rows too few to say so)
+            std = 0.02 / math.sqrt(2 * 8) if name.endswith("c_proj.weight") else 0.02  # residual ones: by depth
+            assert p.std().item() == pytest.approx(std, rel=0.05), name
+        elif p.dim() == 1:
+            assert torch.all(p == (1.0 if "ln_" in name and name.endswith(".weight") else 0.0)), name  # biases 0
+
+
 def test_causality_future_tokens_never_change_past_logits():
     model = tiny_model().eval()
     idx = torch.randint(0, 50, (2, 16))
@@ -208,6 +218,8 @@ def test_evaluation_windows_are_evenly_spaced_and_tile_a_split_they_cover():
     assert len(tiles) == 1_000 // 32 and np.all(np.diff(tiles) >= 32)
     assert tiles[-1] + 32 + 1 <= 1_001 and 1_001 - (tiles[-1] + 32 + 1) < 32  # in range; the tail left is < a window
     assert list(train.eval_starts(33, 32, 64)) == [0]  # the shortest split a window fits
+    exact = train.eval_starts(1_024, 32, 10**6)  # a split of whole windows: the last needs its next token, so 31 fit
+    assert len(exact) == 31 and np.all(np.diff(exact) >= 32) and exact[-1] + 32 + 1 <= 1_024
 
 
 def test_chunked_loss_under_no_grad_is_the_same_loss_without_gradients():
@@ -332,6 +344,15 @@ def test_missing_dataset_and_checkpoint(tmp_path):
     assert not (tmp_path / "typo").exists()  # a mistyped --out_dir is not made
 
 
+def test_a_uint32_dataset_trains(tmp_path):
+    """prepare.py writes uint32 ids for a vocabulary over 65,536 tokens."""
+    (tmp_path / "data").mkdir()
+    make_dataset(str(tmp_path / "data"), dtype="uint32")
+    run_train(str(tmp_path / "data"), tmp_path / "out", "--max_iters=2", "--eval_interval=2")
+    rows = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows] == [0, 2] and rows[0]["val_loss"] == pytest.approx(math.log(64), abs=0.3)
+
+
 # --- the loop ---------------------------------------------------------------
 
 
@@ -343,7 +364,7 @@ def test_training_learns_and_writes_log_plot_checkpoint(data_dir, tmp_path, caps
     assert set(rows[0]) == {"iter", "tokens", "train_loss", "val_loss", "val_bpb", "lr", "elapsed_s", "train_s"}
     assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 1.0
     assert rows[-1]["tokens"] == 40 * 2 * 8 * 32
-    assert rows[0]["val_bpb"] == pytest.approx(rows[0]["val_loss"] / math.log(2) / 3)  # 3 bytes per token here
+    assert rows[0]["val_bpb"] == pytest.approx(rows[0]["val_loss"] / math.log(2) / 3)  # val's 3 bytes a token (not 4)
     assert (out / "loss.png").stat().st_size > 1000
     printed = capsys.readouterr().out
     assert "config: out_dir=" in printed
@@ -668,6 +689,11 @@ def test_eval_only_evaluates_the_checkpoint_and_keeps_the_log(data_dir, tmp_path
     printed = capsys.readouterr().out
     assert f"val loss {trained_val_loss:.4f}" in printed
     assert (out / "log.jsonl").read_text() == log
+
+
+def test_resume_is_exact_in_float16_with_its_loss_scale(data_dir, tmp_path):
+    a, b = straight_and_resumed(data_dir, tmp_path, "--dtype=float16")
+    assert a["scaler"] == b["scaler"] and a["scaler"]["_growth_tracker"] == 8  # the scale and its count of good steps
 
 
 def test_resume_in_float16_from_an_unscaled_run(data_dir, tmp_path):
