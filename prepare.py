@@ -640,8 +640,11 @@ def read_stories(arrow_files, column, is_txt, chunk_bytes, bar, repair, what):
                         try:
                             rows += piece.to_pylist()
                         except UnicodeDecodeError as e:  # (a .json/.jsonl/.parquet string that is not UTF-8)
-                            raise UserError(f"a story in {what} is not UTF-8 text ({e}): save it as UTF-8"
-                                            ) from None
+                            bad = e.object[e.start:e.start + 1].hex()
+                            fix = (f"for example from Windows-1252 with iconv -f CP1252 -t UTF-8 {what} > "
+                                   f"{utf8_name(what)}" if os.path.isfile(what) else "for example with iconv")
+                            raise UserError(f"a story in {what} is not UTF-8 text (byte 0x{bad} cannot start or "
+                                            f"continue a character): save it as UTF-8, {fix}") from None
                         size += piece.nbytes
                         bar.update(len(piece))
                         if size >= chunk_bytes:

@@ -83,7 +83,7 @@ class TrainConfig:
     beta2: float = 0.95  # AdamW beta2
     muon_momentum: float = 0.95  # Muon's (Nesterov) momentum
     grad_clip: float = 1.0  # clip the gradient norm to this; 0 disables
-    decay_lr: bool = True  # decay the learning rate after warmup; False keeps it constant
+    decay_lr: bool = True  # warmup, then decay the learning rate; False: the peak from step 0 (nanoGPT's meaning)
     lr_schedule: str = "cosine"  # cosine (over max_iters) or wsd (warmup, stable, then linear decay over decay_frac)
     warmup_iters: int = 200  # linear warmup steps
     lr_decay_iters: int = 0  # step at which the decay reaches min_lr; 0 means max_iters; unused with --max_minutes
@@ -91,7 +91,7 @@ class TrainConfig:
     min_lr: float = 1e-4  # floor of the decay (AdamW's; Muon's is as far below its peak), at most learning_rate
     # system
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
-    dtype: str = "auto"  # auto (GPU: bfloat16, else float16; CPU: bfloat16 if timed passes run faster), or one of those
+    dtype: str = "auto"  # auto (GPU: bf16, else float16; CPU: bf16 if faster; MPS: float32), float32, bfloat16, float16
     compile: bool | str = "auto"  # torch.compile the model: auto (on for CUDA), True or False
     seed: int = 1337  # seeds init, batch order and dropout (under DDP each rank takes its part of every batch)
     peak_flops: float = 0.0  # device peak FLOP/s for MFU; 0 looks it up (GPU; unknown: no MFU) or times a matmul (CPU)

@@ -457,7 +457,9 @@ def test_column_text_that_is_not_utf8_is_a_one_line_error(tmp_path):
     write_official_txt(tmp_path / "val.txt", ["v"])
     message = error_of(tmp_path, f"--train_files={tmp_path / 'bad.jsonl'}", f"--val_files={tmp_path / 'val.txt'}")
     assert message.startswith(f"a story in {tmp_path / 'bad.jsonl'} is not UTF-8 text (")
-    assert message.endswith("save it as UTF-8")
+    assert message.endswith(f"save it as UTF-8, for example from Windows-1252 with iconv -f CP1252 -t UTF-8 "
+                            f"{tmp_path / 'bad.jsonl'} > {tmp_path / 'bad-utf8.jsonl'}")
+    assert "(byte 0xe9 cannot start or continue a character)" in message
 
 
 @pytest.mark.parametrize("encoding, name", [("utf-16-le", "UTF-16LE"), ("utf-16-be", "UTF-16BE"), ("utf-16", "UTF-16"),
