@@ -57,6 +57,21 @@ def test_bad_flags(argv, message):
     assert str(e.value) == message
 
 
+@pytest.mark.parametrize("word, value", [("true", True), ("Yes", True), ("ON", True), ("1", True), ("False", False),
+                                         ("no", False), ("Off", False), ("0", False)])
+def test_every_true_and_false_word(word, value):
+    assert parse_config(DemoConfig, [f"--compile={word}"]).compile is value
+    assert parse_config(DemoConfig, ["--compile", word, "--n_layer=3"]) == DemoConfig(compile=value, n_layer=3)
+
+
+def test_a_config_file_bool_is_not_a_number(tmp_path):
+    for text in ("n_layer = True\n", '{"n_layer": true}'):  # (Python would take True as 1)
+        path = tmp_path / ("c.json" if text.startswith("{") else "c.py")
+        path.write_text(text)
+        with pytest.raises(UserError, match="--n_layer must be int, got True"):
+            parse_config(DemoConfig, [str(path)])
+
+
 def test_bad_config_files(tmp_path):
     code = tmp_path / "code.py"
     code.write_text("import os\n")

@@ -230,6 +230,12 @@ def test_model_card_names_the_models_own_shape_and_gelu(tmp_path):
     card = open(os.path.join(out_dir, "hf", "README.md"), encoding="utf-8").read()
     assert "(2 layers, 2 heads, width 32,\ncontext 32 tokens, without biases, exact GELU)" in card
     assert '"n_layer": 2,' in card and '"gelu": "exact"' in card and '"n_layer": 8' not in card
+    assert "best val loss **2.5000** nats/token (perplexity 12.18), **0.9017** bits per byte" in card  # val: 4 B/token
+    # a file of an earlier export that this one does not write (a sharded model's index) goes with the rest
+    index = os.path.join(out_dir, "hf", "model.safetensors.index.json")
+    open(index, "w").close()
+    export.main([f"--out_dir={out_dir}"])
+    assert not os.path.exists(index) and os.path.exists(os.path.join(out_dir, "hf", "model.safetensors"))
 
 
 def test_no_checkpoint_is_a_one_line_error(tmp_path):

@@ -139,6 +139,7 @@ def test_chunk_size_never_changes_what_a_story_is(tmp_path):
     ("--chunk_mb=-4", "--chunk_mb must be at least 0.0001 (100 bytes), got -4;"),
     ("--chunk_mb=1e-9", "--chunk_mb must be at least 0.0001 (100 bytes), got 1e-09;"),
     ("--num_workers=-1", "--num_workers must be 0 (all cores) or more, got -1"),
+    ("--val_fraction=1", "--val_fraction must be at least 0 and below 1, got 1.0"),  # at once, not after the work
 ])
 def test_bad_prepare_settings_leave_the_data_folder_alone(tmp_path, capsys, flag, message):
     (tmp_path / "train.txt").write_text("".join(f"Story {i}.\n<|endoftext|>\n" for i in range(20)))

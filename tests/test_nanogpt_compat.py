@@ -79,6 +79,10 @@ def test_another_scripts_config_file_or_setting_is_named_as_such(tmp_path, capsy
         "--out_dir=out-shakespeare-char" in one_line_error(capsys, sample.main, str(nanogpt))
     assert "unknown setting 'temperature' in the command line ('temperature' is a setting of sample.py; see --help)" \
         in one_line_error(capsys, train.main, "--temperature=0.8")
+    data = tmp_path / "data_config.py"  # prepare.py's settings, one of them (data_dir) train.py's too
+    data.write_text("data_dir = 'data/mine'\ntrain_files = 'stories.txt'\ntokenizer = 'bpe:4096'\n")
+    assert f"{data} is a config file for prepare.py ('data_dir' is its setting), not for sample.py (see --help)" in \
+        one_line_error(capsys, sample.main, str(data))
     typo = tmp_path / "typo.py"  # a key no script takes is still a typo
     typo.write_text("out_dir = 'x'\ntemprature = 0.8\n")
     assert "unknown setting 'temprature' in" in one_line_error(capsys, sample.main, str(typo))

@@ -188,6 +188,9 @@ def test_hub_code_path_offline_on_a_local_dataset_folder(tmp_path):
     assert np.array_equal(tokens(tmp_path / "out", "val"), gpt2_ids(["Val story."]))
     assert meta["source"] == {"dataset": str(hub), "train": "split train", "val": "split validation"}
     assert meta["settings"]["dataset"] == str(hub)
+    write_column_file(hub / "train.jsonl", STORIES[:1], column="story")  # edited in place: rebuilt, not "up to date"
+    run(tmp_path, f"--dataset={hub}", "--text_column=story")
+    assert np.array_equal(tokens(tmp_path / "out", "train"), gpt2_ids(STORIES[:1]))
     # Without a validation split, val_fraction of train is held out.
     (hub / "validation.jsonl").unlink()
     write_column_file(hub / "train.jsonl", [f"Story {i}." for i in range(300)], column="story")
@@ -342,6 +345,18 @@ def test_sigterm_mid_write_keeps_the_old_output_and_leaves_no_temporary_files(tm
 
 # -----------------------------------------------------------------------------
 # bpe:N
+
+
+def test_bpe_n_has_n_tokens_and_a_gpt2_rebuild_drops_its_tokenizer_json(tmp_path):
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randrange(2, 8))) for _ in range(3000)]
+    write_official_txt(tmp_path / "train.txt", [" ".join(rng.choice(words) for _ in range(60)) for _ in range(300)])
+    write_official_txt(tmp_path / "val.txt", ["A val story."])
+    files = [f"--train_files={tmp_path / 'train.txt'}", f"--val_files={tmp_path / 'val.txt'}"]
+    meta = run(tmp_path, *files, "--tokenizer=bpe:300")
+    assert meta["vocab_size"] == 300 == load_tokenizer(meta, str(tmp_path / "out")).vocab_size  # the end of text too
+    meta = run(tmp_path, *files, "--tokenizer=gpt2")  # the same folder, now GPT-2 tokens: no tokenizer.json of bpe's
+    assert meta["tokenizer_file"] is None and not (tmp_path / "out" / "tokenizer.json").exists()
 
 
 def test_bpe_trains_saves_and_round_trips_any_text(tmp_path):
@@ -613,11 +628,12 @@ def test_outputs_never_become_inputs(tmp_path, capsys):
     assert message.startswith(f"--data_dir={tmp_path / 'elsewhere'} is inside --dataset={tmp_path / 'ds'}, so the")
 
 
-def test_a_text_file_given_as_a_config_file_points_at_train_files(tmp_path):
-    write_official_txt(tmp_path / "stories.txt", STORIES)
-    with pytest.raises(UserError, match=r"stories.txt is not a config file \(positional arguments are config files; "
-                                        r".*\); to prepare it, give --train_files=.*stories.txt$"):
-        prepare.main([str(tmp_path / "stories.txt")])
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".parquet", ".csv"])
+def test_a_text_file_given_as_a_config_file_points_at_train_files(tmp_path, suffix):
+    write_official_txt(tmp_path / f"stories{suffix}", STORIES)  # (only the name matters)
+    with pytest.raises(UserError, match=rf"stories{suffix} is not a config file \(positional arguments are config "
+                                        rf"files; .*\); to prepare it, give --train_files=.*stories{suffix}$"):
+        prepare.main([str(tmp_path / f"stories{suffix}")])
 
 
 def test_a_tokenizer_that_cannot_be_saved_is_an_os_error(tmp_path):
