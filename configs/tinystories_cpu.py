@@ -14,7 +14,7 @@ median of three timed runs); with training windows in epochs, 0.898 (0.893 over 
 0.028-0.029 above the whole file (0.926 for a run at 0.898 over the whole file; four runs scored so). All of that was
 with GPT-2's tanh GELU; the exact one (below) came later and was timed on Zen 1 only. A first-generation EPYC (Zen 1)
 runs a step 1.6-1.9x slower, or slower still on a busy host, so the budget buys 745-1,042 steps there, as its speed
-moves: with the exact GELU 0.945 by train.py's evaluation (eight runs in three sessions, 0.9340-0.9744); with the tanh form
+moves: with the exact GELU 0.943 by train.py's evaluation (nine runs in four sessions, 0.9340-0.9744); with the tanh form
 0.952 (eight runs in four sessions, 0.9385-0.9680; 0.966 on the official stories alone, three of them). There the final
 figure follows the step count (the eight lie within 0.0003 of a line, 0.014 lower per 100 steps; 0.95 takes about 910),
 so a slow day ends over 0.95 (745 steps: 0.974). Cheaper steps did not win back such a day: at what 800 of these steps'
