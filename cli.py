@@ -234,12 +234,13 @@ SCRIPT_OF = {"TrainConfig": "train.py", "PrepareConfig": "prepare.py", "SampleCo
              "ExportConfig": "export.py"}  # each script's config class, which lies beside this file
 
 
-def _scripts_with_setting(key, config_cls):
-    """The other slm scripts that take setting key, read from their source (importing train.py would import torch)."""
+def _other_scripts_settings(config_cls):
+    """{script: its settings} for the other slm scripts, read from their source (importing train.py would import
+    torch); train.py first."""
     if config_cls.__name__ not in SCRIPT_OF:  # (a script of a fork's)
-        return []
-    return [script for class_name, script in SCRIPT_OF.items()
-            if class_name != config_cls.__name__ and key in _settings_of(script, class_name)]
+        return {}
+    return {script: _settings_of(script, class_name) for class_name, script in SCRIPT_OF.items()
+            if class_name != config_cls.__name__}
 
 
 @functools.lru_cache(maxsize=None)
@@ -274,7 +275,7 @@ def parse_config(config_cls, argv=None, description="", nanogpt_flags=None):
 
     def check_known(key, where):
         if key not in kinds:
-            owners = _scripts_with_setting(key, config_cls)
+            owners = [script for script, settings in _other_scripts_settings(config_cls).items() if key in settings]
             close = difflib.get_close_matches(key, kinds, n=1)
             hint = (f" ({key!r} is a setting of {owners[0]}; see --help)" if owners else
                     f" (did you mean --{close[0]}?)" if close else " (see --help)")
@@ -283,11 +284,11 @@ def parse_config(config_cls, argv=None, description="", nanogpt_flags=None):
     def check_file(path, file_values):
         """`python sample.py configs/tinystories_cpu.py`: a config file for another script says so."""
         unknown = [key for key in file_values if key not in kinds]
-        owners = {script for key in unknown for script in _scripts_with_setting(key, config_cls)}
+        others = _other_scripts_settings(config_cls) if unknown else {}  # (read only when needed)
+        owners = [script for script, settings in others.items() if settings.intersection(unknown)]
         if owners:  # the script that takes the most of the file's settings (train.py first, on a tie)
-            owner = max(SCRIPT_OF.values(), key=lambda script: (script in owners, sum(
-                script in _scripts_with_setting(key, config_cls) for key in file_values)))
-            key = next(key for key in unknown if owner in _scripts_with_setting(key, config_cls))
+            owner = max(owners, key=lambda script: len(others[script].intersection(file_values)))
+            key = next(key for key in unknown if key in others[owner])
             run = file_values.get("out_dir") if "out_dir" in kinds and owner == "train.py" else None
             raise UserError(f"{path} is a config file for {owner} ({key!r} is its setting), not for "
                             f"{SCRIPT_OF[config_cls.__name__]}" + (f"; to use its run, give --out_dir={run}"

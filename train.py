@@ -825,6 +825,10 @@ def strip_prefixes(state_dict):
     return clean
 
 
+def no_checkpoint(path):
+    return UserError(f"no checkpoint at {path}: train one with train.py, or point --out_dir at its folder")
+
+
 def load_checkpoint(path, map_location="cpu", mmap=False):
     """
     The checkpoint at path, checked. mmap=True reads tensors only when they are used: sample.py never touches the
@@ -832,7 +836,7 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
     viewing the mapped file keeps it open, and on Windows an open file cannot be replaced by the next checkpoint.)
     """
     if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path}: train one with train.py, or point --out_dir at its folder")
+        raise no_checkpoint(path)
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
@@ -1066,7 +1070,7 @@ def check_out_dir(config, ckpt_path):
         raise UserError(f"--out_dir={config.out_dir} holds prepared data (meta.json): give the run a folder of its "
                         "own, for example --out_dir=out")
     if config.init_from == "resume" and not os.path.exists(ckpt_path):  # (before a mistyped out_dir is made)
-        load_checkpoint(ckpt_path)  # raises "no checkpoint at ...", with what to do
+        raise no_checkpoint(ckpt_path)
     if config.init_from == "scratch" and os.path.exists(ckpt_path) and not config.overwrite:
         raise UserError(f"{ckpt_path} holds a trained checkpoint that a new run would replace: continue it with "
                         "--init_from=resume, choose another --out_dir, or start over with --overwrite=True (replaces "
