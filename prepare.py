@@ -442,6 +442,14 @@ def wide_encoding(head):
     return "UTF-16LE" if head[1::2].count(0) > head[0::2].count(0) else "UTF-16BE"
 
 
+def not_utf8(subject, error, path=None):
+    """The one-line error for text that is not UTF-8, with the iconv command that converts path."""
+    bad = error.object[error.start:error.start + 1].hex()
+    fix = (f"save it as UTF-8, for example from Windows-1252 with iconv -f CP1252 -t UTF-8 {path} > "
+           f"{utf8_name(path)}" if path else "save its files as UTF-8 (iconv converts them)")
+    return UserError(f"{subject} is not UTF-8 text (byte 0x{bad} cannot start or continue a character): {fix}")
+
+
 def utf8_name(path):
     stem, ext = os.path.splitext(path)
     return f"{stem}-utf8{ext}"
@@ -597,13 +605,7 @@ def source_error(e, what, cache_dir):
     if not is_file:
         what = f"--dataset={what}"
     if isinstance(cause, UnicodeDecodeError):
-        bad = cause.object[cause.start:cause.start + 1].hex()
-        if is_file:
-            return UserError(f"{what} is not UTF-8 text (byte 0x{bad} cannot start or continue a character): save it "
-                             f"as UTF-8, for example from Windows-1252 with iconv -f CP1252 -t UTF-8 {what} > "
-                             f"{utf8_name(what)}")
-        return UserError(f"a file of {what} is not UTF-8 text (byte 0x{bad} cannot start or continue a character): "
-                         "save its files as UTF-8 (iconv converts them)")
+        return not_utf8(what if is_file else f"a file of {what}", cause, what if is_file else None)
     cache = cache_dir or datasets.config.HF_DATASETS_CACHE
     if isinstance(cause, OSError) and (cause.errno in (errno.ENOSPC, errno.EDQUOT)
                                        or str(cause).startswith("Not enough disk space")):  # (datasets' own check)
@@ -640,11 +642,8 @@ def read_stories(arrow_files, column, is_txt, chunk_bytes, bar, repair, what):
                         try:
                             rows += piece.to_pylist()
                         except UnicodeDecodeError as e:  # (a .json/.jsonl/.parquet string that is not UTF-8)
-                            bad = e.object[e.start:e.start + 1].hex()
-                            fix = (f"for example from Windows-1252 with iconv -f CP1252 -t UTF-8 {what} > "
-                                   f"{utf8_name(what)}" if os.path.isfile(what) else "for example with iconv")
-                            raise UserError(f"a story in {what} is not UTF-8 text (byte 0x{bad} cannot start or "
-                                            f"continue a character): save it as UTF-8, {fix}") from None
+                            raise not_utf8(f"a story in {what}", e, what if os.path.isfile(what) else None
+                                           ) from None
                         size += piece.nbytes
                         bar.update(len(piece))
                         if size >= chunk_bytes:
